@@ -1,0 +1,12 @@
+"""The sampling math: processes, the denoiser contract, adapters, grids, per-sample noise, samplers."""
+
+from . import evodiff, momentum, ode, sde, unipc  # noqa: F401  (each module registers its samplers)
+from .denoiser import NULL_LABEL, ClassifierFreeGuidance, Denoiser, with_guidance
+from .errors import InvalidRequest
+from .grids import make_grid
+from .hooks import StepInfo
+from .noise import SampleNoise, initial_noise
+from .registry import REGISTRY, run_sampler, validate
+
+__all__ = ["NULL_LABEL", "REGISTRY", "ClassifierFreeGuidance", "Denoiser", "InvalidRequest", "SampleNoise",
+           "StepInfo", "initial_noise", "make_grid", "run_sampler", "validate", "with_guidance"]

@@ -1,0 +1,123 @@
+"""The one model contract the samplers see, and the adapters that produce it.
+
+A `Denoiser` is called as ``model(x, sigma, cond) -> x0_hat`` in VE coordinates: ``x = x_t / alpha(t)``
+and ``sigma = sigma(t) / alpha(t)`` (one value per sample).  Every checkpoint is wrapped once, at load
+time, by the adapter for its parameterization (eps, v, x0 or flow velocity), the way DPM-Solver's
+``model_wrapper`` and EDM's preconditioners normalize models before any solver sees them.
+
+``cond`` is a LongTensor of class labels, one per sample, with ``NULL_LABEL`` (-1) meaning
+unconditional, or None for an unconditional call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidRequest
+from .processes import Process, RectifiedFlow
+
+NULL_LABEL = -1
+
+# net(x_t, t, labels) -> raw prediction, all in the model's own coordinates; t has one entry per sample.
+Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def eps_to_x0(x_t, out, alpha, sigma, process):
+    return (x_t - sigma * out) / alpha
+
+
+def v_to_x0(x_t, out, alpha, sigma, process):
+    # v = alpha eps - sigma x0 (Salimans & Ho 2022), valid for variance-preserving processes.
+    return alpha * x_t - sigma * out
+
+
+def x0_to_x0(x_t, out, alpha, sigma, process):
+    return out
+
+
+def velocity_to_x0(x_t, out, alpha, sigma, process):
+    # Flow matching velocity v = eps - x0 on alpha = 1 - t, sigma = t, so x0 = x_t - t v.
+    if not isinstance(process, RectifiedFlow):
+        raise ValueError("flow-velocity prediction needs the rectified-flow process")
+    return x_t - sigma * out
+
+
+PREDICTIONS = {"eps": eps_to_x0, "v": v_to_x0, "x0": x0_to_x0, "velocity": velocity_to_x0}
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """Data-prediction denoiser in VE coordinates over a network in its own parameterization.
+
+    ``num_classes`` is None for unconditional models; ``shape`` is one sample's shape.
+    """
+
+    net: Network
+    process: Process
+    prediction: str
+    shape: tuple[int, ...]
+    num_classes: int | None = None
+    kind: str = "diffusion"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {self.prediction!r}; expected one of {list(PREDICTIONS)}")
+
+    @property
+    def sigma_min(self) -> float:
+        return self.process.kappa_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.process.kappa_max
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+        t = self.process.t_of_kappa(sigma)
+        alpha = _bcast(self.process.alpha(t), x)
+        sig = _bcast(self.process.sigma(t), x)
+        x_t = x * alpha
+        out = self.net(x_t, t, cond).to(x.dtype)
+        return PREDICTIONS[self.prediction](x_t, out, alpha, sig, self.process)
+
+
+@dataclass(frozen=True)
+class ClassifierFreeGuidance:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) in data prediction: D_u + w (D_c - D_u).
+
+    Wraps a conditional denoiser and is itself a denoiser; the conditional and unconditional halves
+    run as one batched forward pass.  Samples whose label is NULL_LABEL are returned unguided.
+    """
+
+    model: Callable
+    scale: float
+
+    def __getattr__(self, name):  # expose process, shape, sigma range... of the wrapped model
+        return getattr(self.model, name)
+
+    def __call__(self, x, sigma, cond=None):
+        if cond is None:
+            raise InvalidRequest("guidance needs a class label per sample")
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                          torch.cat([cond, torch.full_like(cond, NULL_LABEL)]))
+        d_cond, d_uncond = both.chunk(2)
+        guided = d_uncond + self.scale * (d_cond - d_uncond)
+        keep = _bcast((cond == NULL_LABEL).to(torch.float64), x).bool()
+        return torch.where(keep, d_uncond, guided)
+
+
+def with_guidance(model, scale: float | None):
+    """Return the model under classifier-free guidance at `scale`, or unchanged for None / 1."""
+    if scale is None or scale == 1.0:
+        return model
+    if getattr(model, "num_classes", None) is None:
+        raise InvalidRequest("guidance: the model is unconditional, classifier-free guidance needs classes")
+    return ClassifierFreeGuidance(model, float(scale))
