@@ -47,7 +47,7 @@ def make_grid(process: Process, steps: int, kind: str = "uniform_lambda", final_
     """The `kind` grid with `steps` steps for `process`, optionally ending at kappa = 0."""
     if kind not in GRIDS:
         raise InvalidRequest(f"grid: unknown grid {kind!r}; expected one of {sorted(GRIDS)}")
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidRequest(f"steps: must be a positive integer, got {steps!r}")
     sigmas = GRIDS[kind](process, steps)
     if final_zero:
