@@ -42,14 +42,22 @@ GRIDS = {"uniform_t": uniform_t, "uniform_lambda": uniform_lambda, "karras": kar
          "quadratic_t": quadratic_t}
 
 
-def make_grid(process: Process, steps: int, kind: str = "uniform_lambda", final_zero: bool = True
-              ) -> torch.Tensor:
-    """The `kind` grid with `steps` steps for `process`, optionally ending at kappa = 0."""
+def shift_times(process: Process, sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024), applied to a grid's times."""
+    t = process.t_of_kappa(sigmas.clamp_min(process.kappa_min))
+    return process.kappa((shift * t / (1 + (shift - 1) * t)).clamp(process.t_min, process.t_max))
+
+
+def make_grid(process: Process, steps: int, kind: str = "uniform_lambda", final_zero: bool = True,
+              shift: float = 1.0) -> torch.Tensor:
+    """The `kind` grid with `steps` steps for `process`, optionally ending at kappa = 0 and time-shifted."""
     if kind not in GRIDS:
         raise InvalidRequest(f"grid: unknown grid {kind!r}; expected one of {sorted(GRIDS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidRequest(f"steps: must be a positive integer, got {steps!r}")
     sigmas = GRIDS[kind](process, steps)
+    if shift != 1.0:
+        sigmas = shift_times(process, sigmas, shift)
     if final_zero:
         sigmas = torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
     return sigmas

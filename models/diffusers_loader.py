@@ -1,0 +1,124 @@
+"""Load diffusers-format checkpoints from local disk and normalize them to the samplers' Denoiser.
+
+A directory holds ``unet/`` (UNet2DModel config + safetensors) and ``scheduler/scheduler_config.json``.
+The scheduler config decides the process and the parameterization; a field we cannot map is an error
+naming the field, never a guess.  Nothing is downloaded and no checkpoint code is executed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from samplers.denoiser import NULL_LABEL, Denoiser
+from samplers.processes import DiscreteVP, Process, RectifiedFlow, beta_table
+
+from .safety import require_safetensors
+
+VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                 "UniPCMultistepScheduler", "PNDMScheduler"}
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+class UnsupportedConfig(ValueError):
+    """A checkpoint's config asks for something diffserve cannot map faithfully."""
+
+
+@dataclass(frozen=True)
+class SchedulerMapping:
+    process: Process
+    prediction: str
+    kind: str
+    time_scale: float  # network timestep = time_scale * t
+    shift: float = 1.0
+
+
+def map_scheduler_config(config: dict) -> SchedulerMapping:
+    """Map a diffusers scheduler config onto (process, prediction type); unknown values raise."""
+    cls = config.get("_class_name")
+    if cls in FLOW_SCHEDULERS:
+        if config.get("use_dynamic_shifting"):
+            raise UnsupportedConfig("scheduler config field 'use_dynamic_shifting': resolution-dependent shift "
+                                    "is not supported")
+        shift = float(config.get("shift", 1.0))
+        if shift <= 0:
+            raise UnsupportedConfig(f"scheduler config field 'shift': must be positive, got {shift}")
+        return SchedulerMapping(RectifiedFlow(), "velocity", "flow",
+                                float(config.get("num_train_timesteps", 1000)), shift)
+    if cls not in VP_SCHEDULERS:
+        raise UnsupportedConfig(f"scheduler config field '_class_name': {cls!r} is not one of "
+                                f"{sorted(VP_SCHEDULERS | FLOW_SCHEDULERS)}")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise UnsupportedConfig(f"scheduler config field 'prediction_type': {prediction!r} is not one of "
+                                f"{sorted(PREDICTION_TYPES)}")
+    steps = int(config.get("num_train_timesteps", 1000))
+    if config.get("trained_betas") is not None:
+        betas = [float(b) for b in config["trained_betas"]]
+    else:
+        schedule = config.get("beta_schedule", "linear")
+        if schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise UnsupportedConfig(f"scheduler config field 'beta_schedule': {schedule!r} is not supported")
+        betas = list(beta_table(schedule, steps, float(config.get("beta_start", 1e-4)),
+                                float(config.get("beta_end", 0.02))))
+    if config.get("rescale_betas_zero_snr"):
+        raise UnsupportedConfig("scheduler config field 'rescale_betas_zero_snr': zero terminal SNR is not supported")
+    return SchedulerMapping(DiscreteVP(tuple(betas)), PREDICTION_TYPES[prediction], "diffusion", 1.0)
+
+
+def load_scheduler_config(directory: Path) -> dict:
+    path = Path(directory) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise UnsupportedConfig("scheduler config: scheduler/scheduler_config.json is missing")
+    return json.loads(path.read_text())
+
+
+def unet_network(unet, time_scale: float, null_class: int | None):
+    """net(x_t, t, labels) over a diffusers UNet2DModel: per-sample timesteps, NULL_LABEL -> null class."""
+    learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
+    dtype = unet.dtype
+    device = unet.device
+
+    def net(x_t, t, labels=None):
+        timesteps = (torch.as_tensor(t, dtype=torch.float64) * time_scale).to(device=device, dtype=torch.float32)
+        class_labels = None
+        if unet.config.num_class_embeds is not None:
+            if labels is None:
+                if null_class is None:
+                    raise ValueError("this model needs a class label per sample")
+                labels = torch.full((x_t.shape[0],), NULL_LABEL)
+            labels = torch.as_tensor(labels).to(device)
+            class_labels = torch.where(labels == NULL_LABEL, torch.full_like(labels, null_class or 0), labels)
+        with torch.inference_mode():
+            out = unet(x_t.to(device=device, dtype=dtype), timesteps, class_labels=class_labels).sample
+        if learned_variance:
+            out = out[:, : unet.config.in_channels]
+        return out.to(device=x_t.device, dtype=x_t.dtype)
+    return net
+
+
+def load_unet_denoiser(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                       null_class: int | None = None) -> tuple[Denoiser, SchedulerMapping]:
+    """Load ``directory/unet`` + ``directory/scheduler`` as a Denoiser (read-only, eval mode).
+
+    For class-conditional UNets `null_class` is the embedding index trained as "no class" (used by
+    classifier-free guidance); the served classes are then 0..num_class_embeds-1 without it."""
+    from diffusers import UNet2DModel
+
+    directory = Path(directory)
+    mapping = map_scheduler_config(load_scheduler_config(directory))
+    require_safetensors(directory / "unet", "unet")
+    unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, local_files_only=True)
+    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    embeds = unet.config.num_class_embeds
+    if null_class is not None and (embeds is None or null_class != embeds - 1):
+        raise UnsupportedConfig(f"null_class: {null_class} must be the last class embedding of this model "
+                                f"({None if embeds is None else embeds - 1})")
+    num_classes = None if embeds is None else (embeds - 1 if null_class is not None else embeds)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    net = unet_network(unet, mapping.time_scale, null_class)
+    return Denoiser(net, mapping.process, mapping.prediction, shape, num_classes, mapping.kind), mapping

@@ -1,0 +1,74 @@
+"""Turn a models-config entry into a loaded, read-only model the samplers can use (one loader per kind)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from samplers.meanflow import AverageVelocity
+
+from .config import ModelEntry
+from .diffusers_loader import load_unet_denoiser
+from .safety import require_safetensors
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A served model: its sampler-facing callable plus the defaults the config gives it."""
+
+    entry: ModelEntry
+    model: Any  # Denoiser | AverageVelocity | masked model
+    shift: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+
+def _load_unet(entry: ModelEntry, device: str) -> LoadedModel:
+    denoiser, mapping = load_unet_denoiser(entry.directory, device=device, null_class=entry.null_class)
+    if mapping.kind != entry.kind:
+        raise ValueError(f"model {entry.name!r}: config says kind {entry.kind!r} but its scheduler config is "
+                         f"a {mapping.kind} model")
+    return LoadedModel(entry, denoiser, mapping.shift)
+
+
+def _load_meanflow(entry: ModelEntry, device: str) -> LoadedModel:
+    from .meanflow_net import load_meanflow_net
+
+    require_safetensors(entry.directory, f"model {entry.name!r}")
+    net = load_meanflow_net(entry.directory, device=device)
+    null = entry.null_class
+
+    def u(z, r, t, labels=None):
+        n = z.shape[0]
+        labels = torch.full((n,), -1) if labels is None else torch.as_tensor(labels)
+        labels = torch.where(labels < 0, torch.full_like(labels, null if null is not None else 0), labels)
+        with torch.inference_mode():
+            out = net.u(z.float().to(device), r.float().to(device), t.float().to(device), labels.to(device))
+        return out.to(z.device, z.dtype)
+
+    num_classes = None if null is None else null
+    shape = (net.unet.config.in_channels, net.unet.config.sample_size, net.unet.config.sample_size)
+    return LoadedModel(entry, AverageVelocity(u, shape, num_classes))
+
+
+def _load_masked(entry: ModelEntry, device: str) -> LoadedModel:
+    from .masked_lm import load_masked_lm
+
+    return LoadedModel(entry, load_masked_lm(entry.directory, device=device))
+
+
+LOADERS: dict[str, Callable[[ModelEntry, str], LoadedModel]] = {
+    "diffusion": _load_unet, "flow": _load_unet, "meanflow": _load_meanflow, "masked": _load_masked}
+
+
+def load_model(entry: ModelEntry, device: str = "cpu") -> LoadedModel:
+    return LOADERS[entry.kind](entry, device)
