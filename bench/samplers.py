@@ -99,16 +99,20 @@ def plot(errors, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    names = list(errors["vp"])
+    colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, (kind, table) in zip(axes, errors.items()):
         for name, row in table.items():
             if row:
                 style = "--" if name.startswith("diffusers_") else "-"
-                ax.plot(list(row), list(row.values()), style, marker="o", ms=3, label=name)
+                ax.plot(list(row), list(row.values()), style, marker="os^vD"[names.index(name) % 5], ms=4,
+                        color=colors[name], label=name)
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{kind}: RMS error to the exact ODE solution")
+        ax.set_xticks(list(NFES), [str(n) for n in NFES])
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("RMS error")
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("RMS error (64-D Gaussian mixture)")
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
