@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,48 @@ def _parse_option(text: str) -> tuple[str, object]:
         return key, value
 
 
+def cmd_generate_remote(args) -> int:
+    import numpy as np
+    from google.protobuf import struct_pb2
+    from tqdm import tqdm
+
+    from .client import connect, tensor_to_array
+
+    pb, stub, metadata = connect(args.server, args.token, args.ca)
+    options = struct_pb2.Struct()
+    options.update(dict(_parse_option(o) for o in args.option))
+    request = pb.GenerateRequest(model=args.model, sampler=args.sampler or "", steps=args.steps or 0,
+                                 num_samples=args.n, base_seed=args.seed, grid=args.grid or "",
+                                 prompt_text=args.prompt or "", options=options,
+                                 format=pb.TENSOR if args.format == "npy" else pb.OUTPUT_FORMAT_UNSPECIFIED)
+    if args.class_label is not None:
+        request.class_label = args.class_label
+    if args.guidance is not None:
+        request.guidance = args.guidance
+    result = None
+    with tqdm(desc=f"{args.model} @ {args.server}", unit="step", leave=False, disable=args.quiet) as bar:
+        for event in stub.GenerateStream(request, metadata=metadata):
+            if event.HasField("progress"):
+                bar.total = event.progress.steps
+                bar.update(event.progress.step - bar.n)
+            else:
+                result = event.result
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if result.samples and result.samples[0].WhichOneof("data") == "text":
+        out.write_text("\n\n".join(s.text for s in result.samples) + "\n")
+    elif args.format == "npy":
+        np.save(out, np.stack([tensor_to_array(s.tensor) for s in result.samples]))
+    else:
+        out.write_bytes(result.grid_png)
+    print(f"wrote {len(result.samples)} samples to {out} ({result.nfe} NFE, compute "
+          f"{result.timings.compute_seconds:.2f} s, queue {result.timings.queue_seconds:.3f} s)")
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.server:
+        return cmd_generate_remote(args)
     import numpy as np
     from tqdm import tqdm
 
@@ -32,39 +74,81 @@ def cmd_generate(args) -> int:
 
     entry = lookup(load_config(args.config), args.model)
     loaded = load_model(entry)
-    request = GenerateRequest(sampler=args.sampler or entry.default_sampler, steps=args.steps or entry.default_steps,
+    steps = args.steps if args.steps is not None else (None if entry.kind == "masked" else entry.default_steps)
+    request = GenerateRequest(sampler=args.sampler or entry.default_sampler, steps=steps,
                               n=args.n, seed=args.seed, class_label=args.class_label,
                               guidance=args.guidance if args.guidance is not None else
                               (entry.guidance if args.class_label is not None else None),
-                              grid=args.grid, options=dict(_parse_option(o) for o in args.option))
+                              grid=args.grid, options=dict(_parse_option(o) for o in args.option),
+                              prompt_text=args.prompt)
     with tqdm(total=request.steps, desc=f"{entry.name} {request.sampler}", unit="step", leave=False,
               disable=args.quiet) as bar:
-        samples, nfe, seeds = generate(loaded, request, hook=lambda info: bar.update(1))
+        def progress(info):
+            bar.total = info.steps
+            bar.update(1)
+        result = generate(loaded, request, hook=progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.format == "npy":
-        np.save(out, samples.float().numpy())
+    if result.texts is not None:
+        out.write_text("\n\n".join(result.texts) + "\n")
+    elif args.format == "npy":
+        np.save(out, result.samples.float().numpy())
     else:
-        out.write_bytes(grid_png(samples))
-    print(f"wrote {len(seeds)} samples to {out} ({nfe} NFE, seeds {seeds[0]}..{seeds[-1]})")
+        out.write_bytes(grid_png(result.samples))
+    seeds = result.seeds
+    print(f"wrote {len(seeds)} samples to {out} ({result.nfe} NFE, seeds {seeds[0]}..{seeds[-1]})")
     return 0
 
 
 def cmd_samplers(args) -> int:
-    from samplers import REGISTRY
-
-    for name, spec in sorted(REGISTRY.items()):
-        opts = ", ".join(f"{k}={o.default}" for k, o in spec.options.items())
-        print(f"{name:16s} {'/'.join(spec.kinds):18s} {spec.when_to_use}" + (f"  [{opts}]" if opts else ""))
+    if args.server:
+        from .client import connect
+        pb, stub, metadata = connect(args.server, args.token, args.ca)
+        rows = [(s.name, s.kinds, s.when_to_use, {o.name: o.default_json for o in s.options})
+                for s in stub.ListSamplers(pb.ListSamplersRequest(), metadata=metadata).samplers]
+    else:
+        from samplers import REGISTRY
+        rows = [(name, spec.kinds, spec.when_to_use, {k: o.default for k, o in spec.options.items()})
+                for name, spec in sorted(REGISTRY.items())]
+    for name, kinds, when, opts in rows:
+        extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+        print(f"{name:16s} {'/'.join(kinds):18s} {when}" + (f"  [{extra}]" if extra else ""))
     return 0
 
 
 def cmd_models(args) -> int:
+    if args.server:
+        from .client import connect
+        pb, stub, metadata = connect(args.server, args.token, args.ca)
+        for m in stub.ListModels(pb.ListModelsRequest(), metadata=metadata).models:
+            state = "ready" if m.ready else "loading"
+            print(f"{m.name:18s} {m.kind:10s} default {m.default_sampler} x {m.default_steps}  "
+                  f"shape {list(m.shape)}  {m.backend}  {state}")
+        return 0
     from models.config import load_config
 
     for entry in load_config(args.config).values():
         print(f"{entry.name:18s} {entry.kind:10s} default {entry.default_sampler} x {entry.default_steps}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .app import serve
+    from .config import load_server_config
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    if args.token_env and not token:
+        raise InvalidRequest(f"--token-env: environment variable {args.token_env} is empty or unset")
+    config = load_server_config(args.config, port=args.port, metrics_port=args.metrics_port, host=args.host,
+                                auth_token=token)
+    serve(args.config, config)
+    return 0
+
+
+def _client_flags(parser) -> None:
+    parser.add_argument("--server", help="HOST:PORT of a running server (default: run in-process)")
+    parser.add_argument("--token", help="bearer token for a server that requires one")
+    parser.add_argument("--ca", help="CA certificate (PEM) to reach a TLS server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,15 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample k uses seed + k)")
     gen.add_argument("--grid", help="time grid: uniform_t, uniform_lambda, karras, quadratic_t")
     gen.add_argument("--option", action="append", default=[], help="sampler option KEY=VALUE (repeatable)")
+    gen.add_argument("--prompt", help="masked models: a text template; the mask token marks positions to fill")
     gen.add_argument("--format", choices=("png", "npy"), default="png")
     gen.add_argument("--out", default="grid.png")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _client_flags(gen)
     gen.set_defaults(func=cmd_generate)
     sam = sub.add_parser("samplers", help="list the samplers")
+    _client_flags(sam)
     sam.set_defaults(func=cmd_samplers)
-    mod = sub.add_parser("models", help="list the models in a config")
+    mod = sub.add_parser("models", help="list the models in a config or on a server")
     mod.add_argument("--config", default=str(DEFAULT_CONFIG))
+    _client_flags(mod)
     mod.set_defaults(func=cmd_models)
+    srv = sub.add_parser("serve", help="run the gRPC server")
+    srv.add_argument("--config", default=str(DEFAULT_CONFIG), help="models config (TOML); default: the zoo")
+    srv.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    srv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464)")
+    srv.add_argument("--token-env", help="name of an environment variable holding the bearer token")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""Build and run the gRPC server: servicer, health, reflection, interceptors, TLS, metrics, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from models.config import load_config
+from models.loading import load_model
+
+from . import metrics, protogen
+from .config import ServerConfig
+from .engine import Engine
+from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .servicer import make_servicer
+
+log = logging.getLogger("diffserve.server")
+SERVICE = "diffserve.v1.Diffserve"
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    engine: Engine
+    health: health.HealthServicer
+    port: int
+    metrics_port: int | None
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE, *self.engine.models):
+            ok = serving and (name in ("", SERVICE) or self.engine.ready(name))
+            self.health.set(name, status if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new requests, let in-flight ones finish (up to grace)."""
+        grace = self.engine.config.grace_seconds if grace is None else grace
+        self.set_serving(False)
+        self.engine.begin_shutdown()
+        self.engine.drain(grace)
+        self.server.stop(grace=1.0).wait()
+        self.engine.close()
+
+
+def _credentials(config: ServerConfig):
+    if not config.tls_cert:
+        return None
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True) -> RunningServer:
+    """Start serving on config.host:config.port (0 = a free port); health is NOT_SERVING until warm."""
+    pb, pb_grpc = protogen.load()
+    engine = Engine(loaded_models, config)
+    interceptors = [ErrorInterceptor()]
+    if config.auth_token:
+        interceptors.insert(0, TokenAuthInterceptor(config.auth_token))
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers + 4 * config.max_queue + 16),
+                         interceptors=interceptors, options=options)
+    pb_grpc.add_DiffserveServicer_to_server(make_servicer(pb, pb_grpc, engine), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Diffserve"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    creds = _credentials(config)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    metrics_port = None
+    if config.metrics_port is not None:
+        httpd, _ = metrics.serve_metrics(config.metrics_port, config.host)
+        metrics_port = httpd.server_port
+    server.start()
+    running = RunningServer(server, engine, health_servicer, port, metrics_port)
+    running.set_serving(False)
+    if warm_up:
+        engine.warm_up()
+        running.set_serving(True)
+    return running
+
+
+def load_models(config_path: str | Path, device: str = "cpu") -> dict:
+    return {name: load_model(entry, device) for name, entry in load_config(config_path).items()}
+
+
+def serve(config_path: str | Path, config: ServerConfig) -> None:
+    """Load every configured model, serve until SIGTERM / SIGINT, then stop gracefully."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    models = load_models(config_path, config.device)
+    running = start_server(models, config)
+    log.info("serving %s on port %d (metrics on %s)", ", ".join(models), running.port, running.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: draining in-flight requests for up to %.0f s", config.grace_seconds)
+    running.stop()

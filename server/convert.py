@@ -1,0 +1,115 @@
+"""Proto <-> plain dataclasses.  Validation of request fields happens here and in the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from google.protobuf import json_format
+
+from samplers import REGISTRY
+from samplers.errors import InvalidRequest
+
+from .generation import GenerateRequest
+from .images import grid_png
+
+
+def _struct(message, field: str) -> dict:
+    if not message.HasField(field):
+        return {}
+    values = json_format.MessageToDict(getattr(message, field))
+    for key, value in values.items():
+        if isinstance(value, float) and value.is_integer() and not math.isinf(value):
+            values[key] = int(value)  # Struct carries every number as a double
+    return values
+
+
+def to_request(pb, request, entry) -> GenerateRequest:
+    """A GenerateRequest proto -> GenerateRequest, filling the model's defaults."""
+    if request.search.method or request.search.budget_nfe:
+        from .errors import NotImplementedYet
+        raise NotImplementedYet("search: test-time search is not available on this server yet")
+    seeds = tuple(int(s) for s in request.seeds) or None
+    n = request.num_samples or (len(seeds) if seeds else 1)
+    steps = request.steps or (None if entry.kind == "masked" else entry.default_steps)  # masked: per sampler
+    guidance = request.guidance if request.HasField("guidance") else None
+    class_label = request.class_label if request.HasField("class_label") else None
+    if guidance is None and class_label is not None:
+        guidance = entry.guidance
+    if guidance is not None and not math.isfinite(guidance):
+        raise InvalidRequest("guidance: must be finite")
+    if request.preview_every and request.format == pb.TEXT:
+        raise InvalidRequest("preview_every: previews are images; not available with TEXT output")
+    return GenerateRequest(sampler=request.sampler or entry.default_sampler, steps=steps, n=n,
+                           seed=int(request.base_seed), seeds=seeds, class_label=class_label, guidance=guidance,
+                           grid=request.grid or None, options=_struct(request, "options"),
+                           prompt_tokens=tuple(request.prompt_tokens) or None,
+                           prompt_text=request.prompt_text or None)
+
+
+def tensor(pb, array: np.ndarray):
+    little_endian = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=str(array.dtype), shape=list(array.shape), data=little_endian.tobytes())
+
+
+def to_response(pb, name: str, out, fmt: int):
+    result = out.result
+    samples = []
+    if result.texts is not None:
+        for seed, row, text in zip(result.seeds, result.samples, result.texts):
+            sample = pb.Sample(seed=seed, tokens=[int(t) for t in row])
+            if fmt == pb.TENSOR:
+                sample.tensor.CopyFrom(tensor(pb, row.numpy().astype(np.int64)))
+            else:
+                sample.text = text
+            samples.append(sample)
+        grid = b""
+    else:
+        if fmt == pb.TEXT:
+            raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
+        for seed, x in zip(result.seeds, result.samples):
+            sample = pb.Sample(seed=seed)
+            if fmt == pb.TENSOR:
+                sample.tensor.CopyFrom(tensor(pb, x.float().numpy()))
+            else:
+                sample.png = grid_png(x[None], scale=4, pad=0)
+            samples.append(sample)
+        grid = grid_png(result.samples) if fmt != pb.TENSOR else b""
+    return pb.GenerateResponse(model=name, sampler=out.sampler, samples=samples, nfe=out.result.nfe,
+                               timings=pb.Timings(queue_seconds=out.queue_seconds,
+                                                  compute_seconds=out.compute_seconds), grid_png=grid)
+
+
+def model_info(pb, entry, served):
+    model = served.loaded.model
+    masked = entry.kind == "masked"
+    shape = [model.length] if masked else list(model.shape)
+    info = pb.ModelInfo(name=entry.name, kind=entry.kind, shape=shape,
+                        num_classes=getattr(model, "num_classes", None) or 0,
+                        default_sampler=entry.default_sampler, default_steps=entry.default_steps,
+                        backend=served.backend, ready=served.ready,
+                        vocab_size=getattr(model, "vocab_size", 0) if masked else 0)
+    if entry.guidance is not None:
+        info.guidance = entry.guidance
+    return info
+
+
+def sampler_infos(pb, kind: str):
+    out = []
+    for name, spec in sorted(REGISTRY.items()):
+        if kind and kind not in spec.kinds:
+            continue
+        options = []
+        for key, opt in spec.options.items():
+            info = pb.OptionInfo(name=key, type=opt.type.__name__, default_json=json.dumps(opt.default),
+                                 choices=[str(c) for c in opt.choices or ()], help=opt.help)
+            if opt.minimum is not None:
+                info.minimum = opt.minimum
+            if opt.maximum is not None:
+                info.maximum = opt.maximum
+            options.append(info)
+        out.append(pb.SamplerInfo(name=name, kinds=list(spec.kinds), nfe_per_step=spec.nfe_per_step,
+                                  order=spec.order, stochastic=spec.stochastic, when_to_use=spec.when_to_use,
+                                  options=options, max_steps=spec.max_steps))
+    return out
