@@ -58,8 +58,11 @@ def _credentials(config: ServerConfig):
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True) -> RunningServer:
-    """Start serving on config.host:config.port (0 = a free port); health is NOT_SERVING until warm."""
+def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True, services=()) -> RunningServer:
+    """Start serving on config.host:config.port (0 = a free port); health is NOT_SERVING until warm.
+
+    `services` are extra callables `add(grpc_server, engine) -> list of full service names` (for
+    example the job queue's), registered beside the Diffserve service and listed by reflection."""
     pb, pb_grpc = protogen.load()
     engine = Engine(loaded_models, config)
     interceptors = [ErrorInterceptor()]
@@ -72,8 +75,10 @@ def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True
     pb_grpc.add_DiffserveServicer_to_server(make_servicer(pb, pb_grpc, engine), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["Diffserve"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    names = [pb.DESCRIPTOR.services_by_name["Diffserve"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    for add in services:
+        names += add(server, engine)
+    reflection.enable_server_reflection(names, server)
     address = f"{config.host}:{config.port}"
     creds = _credentials(config)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT = Path(__file__).resolve().parent / "_generated"
-PROTOS = ["diffserve/v1/diffserve.proto"]
+PROTOS = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
 
 
 def generate() -> None:
@@ -32,18 +32,26 @@ def generate() -> None:
 
 
 def _stale() -> bool:
-    target = OUT / "diffserve" / "v1" / "diffserve_pb2.py"
-    return not target.exists() or any((PROTO_DIR / p).stat().st_mtime > target.stat().st_mtime for p in PROTOS)
+    for proto in PROTOS:
+        target = OUT / proto.replace(".proto", "_pb2.py")
+        if not target.exists() or (PROTO_DIR / proto).stat().st_mtime > target.stat().st_mtime:
+            return True
+    return False
 
 
 def load():
-    """(pb2, pb2_grpc) for diffserve.v1, generating them first if missing or stale."""
+    """(pb2, pb2_grpc) for diffserve.v1, generating them first if missing or stale (generated imports are
+    absolute, `from diffserve.v1 import ...`, so server/_generated goes on sys.path)."""
+    return module("diffserve_pb2"), module("diffserve_pb2_grpc")
+
+
+def module(name: str):
+    """A generated module of diffserve.v1 by name (e.g. "jobs_pb2"), generating first if needed."""
     if _stale():
         generate()
     if str(OUT) not in sys.path:
-        sys.path.insert(0, str(OUT))  # generated imports are absolute: `from diffserve.v1 import ...`
-    return (importlib.import_module("diffserve.v1.diffserve_pb2"),
-            importlib.import_module("diffserve.v1.diffserve_pb2_grpc"))
+        sys.path.insert(0, str(OUT))
+    return importlib.import_module(f"diffserve.v1.{name}")
 
 
 if __name__ == "__main__":
