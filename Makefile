@@ -2,8 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PORT ?= 50051
+METRICS_PORT ?= 9464
 
-.PHONY: setup serve test lint bench-quick
+.PHONY: setup serve demo test lint bench-quick
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,6 +14,10 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt
 
 serve: setup
+	$(BIN)/python -m server.protogen
+	$(BIN)/diffserve serve --config zoo/models.toml --port $(PORT) --metrics-port $(METRICS_PORT)
+
+demo: setup
 	$(BIN)/diffserve generate --model digits-ddpm --sampler dpmpp_2m --steps 10 --class 3 --guidance 2 --n 16 --seed 0 --out run/grid.png
 
 test: setup
