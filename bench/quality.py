@@ -1,0 +1,143 @@
+"""Sample quality per NFE on the digits zoo: digits-FD (classifier-B features, held-out digits) and
+classifier-B accuracy of class-conditional samples, for every applicable sampler and for diffusers' own
+schedulers on the same weights, seeds and labels; the real-data floor is train-split vs held-out FD.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from models.config import load_config
+from models.digits_fd import balanced_labels, class_accuracy, digits_fd, real_floor
+from models.loading import load_model
+from samplers import REGISTRY, SampleNoise, initial_noise, make_grid, run_sampler, with_guidance
+from samplers.meanflow import meanflow_times
+
+NFES = (1, 2, 4, 6, 10, 20)
+SEED = 1000
+
+
+def steps_for(name: str, nfe: int) -> int | None:
+    spec = REGISTRY[name]
+    return next((s for s in range(1, nfe + 1) if spec.nfe(s) == nfe), None)
+
+
+def _ours(loaded, name, nfe, n, guidance):
+    model = loaded.model
+    noise = SampleNoise(range(SEED, SEED + n))
+    labels = balanced_labels(n)
+    if loaded.kind == "meanflow" and name == "meanflow":
+        out, _ = run_sampler(name, model, noise.randn(model.shape), meanflow_times(nfe), labels, noise=noise)
+        return out, labels
+    if loaded.kind == "meanflow":
+        model = model.as_flow_denoiser()
+    steps = steps_for(name, nfe)
+    sigmas = make_grid(model.process, steps, loaded.entry.grid, shift=loaded.shift)
+    out, used = run_sampler(name, with_guidance(model, guidance), initial_noise(model, noise), sigmas, labels,
+                            noise=noise)
+    assert used == nfe, (name, nfe, used)
+    return out, labels
+
+
+def _diffusers(loaded, scheduler_cls, nfe, n, guidance):
+    """diffusers' scheduler loop on the same UNet (classifier-free guidance as in its pipelines)."""
+    net = loaded.model.net
+    scheduler = scheduler_cls.from_pretrained(loaded.entry.directory / "scheduler")
+    scheduler.set_timesteps(nfe)
+    labels = balanced_labels(n)
+    noise = SampleNoise(range(SEED, SEED + n))
+    x = noise.randn(loaded.model.shape) * scheduler.init_noise_sigma
+    null = torch.full_like(labels, -1)
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        scale = 1.0 if loaded.kind == "diffusion" else 1 / 1000  # our flow net takes t in [0, 1]
+        tt = torch.full((2 * n,), float(t) * scale, dtype=torch.float64)
+        both = net(torch.cat([inp, inp]), tt, torch.cat([labels, null]))
+        cond, uncond = both.chunk(2)
+        x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+    return x, labels
+
+
+def _applicable(kind):
+    kinds = {"meanflow": ("meanflow", "flow")}.get(kind, (kind,))
+    return [name for name, spec in REGISTRY.items() if any(k in spec.kinds for k in kinds)]
+
+
+def _score(out, labels, results, accuracy, model_name, row, nfe):
+    fd = digits_fd(out.clamp(-1, 1))
+    acc = class_accuracy(out, labels)
+    results[model_name].setdefault(row, {})[str(nfe)] = fd
+    accuracy[model_name].setdefault(row, {})[str(nfe)] = acc
+    print(f"  {row:30s} NFE {nfe:3d}  FD {fd:8.3f}  acc {acc:.3f}", flush=True)
+
+
+def main(quick: bool = False) -> dict:
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    torch.set_num_threads(2)
+    n = 200 if quick else 1000
+    nfes = (2, 10) if quick else NFES
+    config = load_config()
+    results, accuracy = {}, {}
+    diffusers_for = {"diffusion": [DPMSolverMultistepScheduler, UniPCMultistepScheduler, DDIMScheduler,
+                                   EulerDiscreteScheduler], "flow": [FlowMatchEulerDiscreteScheduler]}
+    start = time.perf_counter()
+    for name in ("digits-ddpm", "digits-flow", "digits-meanflow"):
+        loaded = load_model(config[name])
+        guidance = config[name].guidance if loaded.kind != "meanflow" else None
+        results[name], accuracy[name] = {}, {}
+        print(f"{name} (guidance {guidance})", flush=True)
+        samplers = _applicable(loaded.kind)
+        if quick:
+            samplers = ["meanflow", "euler"] if loaded.kind == "meanflow" else ["dpmpp_2m", "evodiff", "unipc", "ddpm"]
+        for sampler in samplers:
+            for nfe in nfes if sampler != "meanflow" else (1, 2, 4):
+                if sampler != "meanflow" and steps_for(sampler, nfe) is None:
+                    continue
+                with torch.no_grad():
+                    out, labels = _ours(loaded, sampler, nfe, n, guidance)
+                _score(out, labels, results, accuracy, name, sampler, nfe)
+        for scheduler_cls in diffusers_for.get(loaded.kind, []):
+            row = "diffusers_" + scheduler_cls.__name__.removesuffix("Scheduler")
+            for nfe in nfes:
+                with torch.no_grad():
+                    out, labels = _diffusers(loaded, scheduler_cls, nfe, n, guidance or 1.0)
+                _score(out, labels, results, accuracy, name, row, nfe)
+        if loaded.kind == "flow":  # the 50-step Euler reference MeanFlow is compared against
+            with torch.no_grad():
+                out, labels = _ours(loaded, "euler", 50, n, guidance)
+            _score(out, labels, results, accuracy, name, "euler", 50)
+    floor = real_floor()["fd"]
+    print(f"floor (train split vs held-out): {floor:.3f}; {time.perf_counter() - start:.0f} s")
+    _plot(results, floor, Path(__file__).resolve().parent / "results" / ("quality_quick.png" if quick else
+                                                                          "quality.png"))
+    return {"fd": results, "floor": floor, "accuracy": accuracy}
+
+
+def _plot(results, floor, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.8), sharey=True)
+    for ax, (model, table) in zip(axes, results.items()):
+        for i, (row, values) in enumerate(table.items()):
+            xs = [int(k) for k in values]
+            ax.plot(xs, list(values.values()), "--" if row.startswith("diffusers_") else "-",
+                    marker="os^vD"[i % 5], ms=4, color=plt.cm.tab20(i % 20), label=row)
+        ax.axhline(floor, color="k", lw=0.8, ls=":", label="real-data floor")
+        ax.set(xscale="log", yscale="log", xlabel="NFE", title=model)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, ncol=2)
+    axes[0].set_ylabel("digits-FD (lower is better)")
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
