@@ -3,6 +3,7 @@
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -13,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server import metrics
 from server.client import tensor_to_array
-from tests.server_fixtures import gmm_model, pb, running_server, stub_for, unet_model
+from tests.server_fixtures import gmm_model, pb, running_server, stub_for
 
 
 def _options(**values):
@@ -65,8 +66,11 @@ def test_list_and_get_models_and_samplers(stub):
     assert eta.type == "float" and eta.minimum == 0 and eta.maximum == 1
 
 
-def test_concurrent_clients_get_exactly_their_solo_results(tmp_path):
-    with running_server({"unet": unet_model(tmp_path)}, max_batch=64) as srv:
+def test_concurrent_clients_get_exactly_their_solo_results():
+    from models.config import load_config
+    from models.loading import load_model
+
+    with running_server({"unet": load_model(replace(load_config()["digits-ddpm"], name="unet"))}, max_batch=64) as srv:
         stub, channel = stub_for(srv)
         jobs = [dict(model="unet", sampler=s, steps=n, base_seed=100 + k, num_samples=1 + k % 3, class_label=k % 10,
                      guidance=[1.0, 2.0, 4.0][k % 3], format=pb.TENSOR)
