@@ -9,7 +9,7 @@ from samplers import REGISTRY, InvalidRequest, SampleNoise, make_grid, run_sampl
 from samplers.denoiser import NULL_LABEL
 from samplers.gmm import gmm_image
 from samplers.grids import GRIDS
-from samplers.processes import CosineVP, DiscreteVP, RectifiedFlow, VE, beta_table
+from samplers.processes import VE, CosineVP, DiscreteVP, RectifiedFlow, beta_table
 
 PROCESSES = [DiscreteVP.from_schedule("linear"), DiscreteVP.from_schedule("scaled_linear", 1000, 0.00085, 0.012),
              DiscreteVP.from_schedule("squaredcos_cap_v2"), CosineVP(), VE(), RectifiedFlow()]
