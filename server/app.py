@@ -103,13 +103,19 @@ def load_models(config_path: str | Path, device: str = "cpu") -> dict:
 
 def serve(config_path: str | Path, config: ServerConfig) -> None:
     """Load every configured model, serve until SIGTERM / SIGINT, then stop gracefully."""
+    from .queue.runtime import QueueRuntime
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    queue = QueueRuntime(config)  # a local Redis under run/redis unless config.redis_url names one
     models = load_models(config_path, config.device)
-    running = start_server(models, config)
+    running = start_server(models, config, services=[queue.service])
+    queue.start_worker(running.engine)
     log.info("serving %s on port %d (metrics on %s)", ", ".join(models), running.port, running.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping: draining in-flight requests for up to %.0f s", config.grace_seconds)
+    queue.stop_worker(config.grace_seconds)
     running.stop()
+    queue.close()

@@ -140,7 +140,7 @@ def cmd_serve(args) -> int:
     if args.token_env and not token:
         raise InvalidRequest(f"--token-env: environment variable {args.token_env} is empty or unset")
     config = load_server_config(args.config, port=args.port, metrics_port=args.metrics_port, host=args.host,
-                                auth_token=token)
+                                auth_token=token, redis_url=args.redis or os.environ.get("DIFFSERVE_REDIS_URL"))
     serve(args.config, config)
     return 0
 
@@ -186,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="gRPC port (default 50051)")
     srv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464)")
     srv.add_argument("--token-env", help="name of an environment variable holding the bearer token")
+    srv.add_argument("--redis", help="job queue's Redis URL (default: start a local redis-server under run/redis)")
     srv.set_defaults(func=cmd_serve)
+    from .queue.cli import add_queue_commands
+
+    add_queue_commands(sub, _client_flags)
     return parser
 
 

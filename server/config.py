@@ -27,6 +27,16 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None       # mTLS: require client certificates signed by this CA
     device: str = "cpu"
+    # job queue (docs/queue.md)
+    redis_url: str | None = None           # None: `serve` starts a local redis-server under run/redis
+    queue_prefix: str = "diffserve"        # Redis key prefix, so several deployments can share one Redis
+    queue_task_size: int = 64              # K: samples per task
+    queue_max_job_samples: int = 100_000
+    queue_visibility_timeout: float = 30.0  # seconds without a heartbeat before a task is reclaimed
+    queue_max_attempts: int = 3            # a task failing this many times is dead-lettered, its job failed
+    queue_result_ttl: float = 86_400.0     # seconds a finished job and its results are kept
+    queue_worker_concurrency: int = 4      # tasks a worker runs at once (they share batched forwards)
+    queue_local_worker: bool | None = None  # a worker inside `serve`; None: only with the local Redis
 
 
 def load_server_config(path: str | Path, **overrides) -> ServerConfig:

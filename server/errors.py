@@ -32,6 +32,22 @@ class NotImplementedYet(DiffservError):
     """A request block this server does not implement (-> UNIMPLEMENTED)."""
 
 
+class QueueUnavailable(DiffservError):
+    """The job queue's Redis cannot be reached, or the server runs without one (-> UNAVAILABLE)."""
+
+
+class JobNotFound(DiffservError, LookupError):
+    """No job has this id: never submitted, or removed with its results when its TTL ran out (-> NOT_FOUND)."""
+
+
+class JobNotFinished(DiffservError):
+    """The job has no results to read: it is still running, or it failed or was cancelled (-> FAILED_PRECONDITION)."""
+
+
+class IdempotencyConflict(DiffservError):
+    """An idempotency key was reused with a different request (-> ALREADY_EXISTS)."""
+
+
 STATUS = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -44,6 +60,10 @@ STATUS = [
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (NotImplementedYet, grpc.StatusCode.UNIMPLEMENTED),
     (NonFiniteOutput, grpc.StatusCode.INTERNAL),
+    (QueueUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (JobNotFinished, grpc.StatusCode.FAILED_PRECONDITION),
+    (IdempotencyConflict, grpc.StatusCode.ALREADY_EXISTS),
 ]
 
 
