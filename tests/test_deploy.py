@@ -292,13 +292,17 @@ def _flag(command: list[str], name: str) -> int:
 
 def _parse_cli(args: list[str]):
     """Parse a container's arguments with diffserve's own command line (so a flag that the CLI does not know
-    fails here, not in a pod). Returns None for a subcommand this build does not have yet."""
+    fails here, not in a pod). Returns None for a subcommand this build does not have yet (`worker`, before
+    the job queue)."""
     from server.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices  # noqa: SLF001
     if args[0] not in commands:
         return None
+    if not QUEUE_BUILT:  # `--redis URL` is the job queue's flag: checked once the queue is in the build
+        args = [a for i, a in enumerate(args) if not a.startswith("--redis")
+                and not (i and args[i - 1] == "--redis")]
     try:
         return parser.parse_args(args)
     except SystemExit:
