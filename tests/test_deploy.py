@@ -328,7 +328,14 @@ def test_compose_stack():
             assert (DEPLOY / volume.split(":")[0]).exists(), volume
     server = _parse_cli(services["server"]["command"])
     assert server.command == "serve" and server.host == "0.0.0.0" and server.metrics_port == 9464
-    _parse_cli(services["worker"]["command"])
+    worker = _parse_cli(services["worker"]["command"])
+    # Both read the mounted models config, which binds to 0.0.0.0: a worker takes its /metrics address from it.
+    for name, args in (("server", server), ("worker", worker)):
+        if args is None:
+            continue
+        mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in services[name]["volumes"])
+        source = next(src for src, dst in mounts.items() if dst == args.config)
+        assert tomllib.loads((DEPLOY / source).read_text())["server"]["host"] == "0.0.0.0"
 
 
 # ------------------------------------------------------------------------------------------------ Kubernetes
@@ -532,7 +539,14 @@ def test_server_probes_and_commands(overlay):
         assert (limits.get("nvidia.com/gpu") == "1") == gpu
         assert container["image"] == f"diffserve:{'cuda' if gpu else 'cpu'}"
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("diffserve-models"))
-    assert tomllib.loads(config["data"]["models.toml"])["server"]["device"] == ("cuda" if gpu else "cpu")
+    settings = tomllib.loads(config["data"]["models.toml"])["server"]
+    assert settings["device"] == ("cuda" if gpu else "cpu")
+    # Workers take their /metrics address from the config: the kubelet probe and Prometheus need the pod IP.
+    assert settings["host"] == "0.0.0.0"
+    # Each pod's own drain (grace_seconds, plus the worker's hand-back) fits in its termination grace period.
+    for name in ("diffserve-server", "diffserve-worker"):
+        pod = _by_kind(docs, "Deployment", name)["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= settings["grace_seconds"] + 10
 
 
 def test_models_configs_match_the_zoo(tmp_path):
@@ -542,6 +556,7 @@ def test_models_configs_match_the_zoo(tmp_path):
     base = tomllib.loads((K8S / "base" / "models.toml").read_text())
     gpu = tomllib.loads((K8S / "overlays" / "gpu" / "models.toml").read_text())
     assert base["models"] == gpu["models"] and base["model_roots"] == gpu["model_roots"] == ["/app/zoo"]
+    assert {**base["server"], "device": "cuda"} == gpu["server"]
     for path in (K8S / "base" / "models.toml", K8S / "overlays" / "gpu" / "models.toml"):
         load_server_config(path)  # unknown [server] keys are errors
     zoo = ROOT / "zoo" / "models.toml"
