@@ -418,6 +418,11 @@ def test_schema_validation_rejects_mistakes():
     deployment["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+    deployment = copy.deepcopy(_by_kind(_render("cpu"), "Deployment", "diffserve-server"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
     scaled = copy.deepcopy(_by_kind(_render("cpu"), "ScaledObject", "diffserve-worker"))
     scaled["spec"]["minReplicas"] = scaled["spec"].pop("minReplicaCount")
     with pytest.raises(jsonschema.ValidationError):
