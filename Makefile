@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 50051
 METRICS_PORT ?= 9464
+# REDIS: the job queue's Redis URL; empty: `serve` starts a local redis-server (data in run/redis) and a worker
+REDIS ?=
 
 .PHONY: setup serve demo test lint bench-quick
 
@@ -15,7 +17,7 @@ setup: $(BIN)/python
 
 serve: setup
 	$(BIN)/python -m server.protogen
-	$(BIN)/diffserve serve --config zoo/models.toml --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/diffserve serve --config zoo/models.toml --port $(PORT) --metrics-port $(METRICS_PORT) $(if $(REDIS),--redis $(REDIS))
 
 demo: setup
 	$(BIN)/diffserve generate --model digits-ddpm --sampler dpmpp_2m --steps 10 --class 3 --guidance 2 --n 16 --seed 0 --out run/grid.png
