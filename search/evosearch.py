@@ -120,7 +120,7 @@ def evosearch(model: CountedModel, verifier, *, steps: int, cond, streams: Strea
         children, m = _select(torch.cat(archive[g], 1), torch.cat(rewards[g], 1), pops[g + 1], elites, streams)
         k = pops[g + 1]
         mutants = children[:, m:].reshape(-1, *shape)
-        eps = streams.particles(k - m, "mutation").randn(shape)
+        eps = streams.particles(k - m, "mutation").randn(shape) if k > m else torch.zeros_like(mutants)
         if e[g] == 0:
             mutants = math.sqrt(1 - mutation_rate**2) * mutants + mutation_rate * initial_scale(model) * eps
         else:

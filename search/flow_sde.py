@@ -120,6 +120,17 @@ def time_grid(kind: str, steps: int, s_max: float = 1.0) -> torch.Tensor:
     return f(tau) * s_max
 
 
+def times_of_kappas(interp, kappas: torch.Tensor) -> torch.Tensor:
+    """Interpolant times with the given VE noise levels (kappa increases with s; vectorized bisection)."""
+    kappas = torch.as_tensor(kappas, dtype=F64)
+    lo, hi = torch.zeros_like(kappas), torch.ones_like(kappas)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        up = kappa(interp, mid) <= kappas
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    return torch.where(kappas > 0, lo, torch.zeros_like(lo))
+
+
 def largest_time(interp, kappa_max: float) -> float:
     """The largest s in [0, 1] whose VE noise level is at most the model's kappa_max (bisection)."""
     if float(kappa(interp, 1.0)) <= kappa_max:

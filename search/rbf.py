@@ -3,13 +3,26 @@ converted SDE of search/flow_sde.py."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from samplers.errors import InvalidRequest
 
 from .budget import CountedModel, score_with
 from .core import Streams, Tracker, expand_cond
-from .flow_sde import INTERPOLANTS, diffusion_coefficient, largest_time, sde_step, time_grid, tweedie, velocity
+from .flow_sde import (
+    INTERPOLANTS,
+    diffusion_coefficient,
+    kappa,
+    largest_time,
+    sde_step,
+    time_grid,
+    times_of_kappas,
+    tweedie,
+    velocity,
+)
+from .trajectory import rollout
 
 
 def rbf_plan(budget: int, steps: int, particles: int, init_particles: int) -> tuple[int, int]:
@@ -29,7 +42,7 @@ def rbf_plan(budget: int, steps: int, particles: int, init_particles: int) -> tu
 def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, streams: Streams,
                             tracker: Tracker, particles: int = 2, init_fraction: float = 0.1,
                             interpolant: str = "vp", diffusion: str = "square", diffusion_norm: float = 3.0,
-                            time_schedule: str = "quadratic"):
+                            time_schedule: str = "quadratic", finish_steps: int = 3):
     """RBF: N = `particles` chains share the budget; each chain proposes one SDE step at a time (1 NFE:
     the velocity at the proposal, reused as the next drift) and moves at once to the first proposal whose
     Tweedie reward beats its best so far r*, rolling the unused quota over to the next step
@@ -41,20 +54,31 @@ def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, 
     per chain for N = 2; 0 follows Alg. 2, which scores one noise).  On a forced move r* is not lowered
     (code).  The grid has `steps` steps; steps 0..M-2 are searched, the last stochastic step takes every
     remaining proposal and keeps the best (the code also spends all leftover budget on proposals from
-    one state), and the output is the Tweedie estimate at the last positive grid time -- which equals
-    a deterministic final step to s = 0 -- where the code stops advancing one grid point earlier.
-    Time schedule 1 - (1 - tau)^2 (the paper's App. C text; the code's sqrt(1 - (1 - tau)^2) is "exp"):
-    the code's grid stops at VP time 0.44 (noise level 2.4) for 10 steps, which a timestep-distilled
-    FLUX-schnell turns into a sharp Tweedie estimate but an ordinary model does not; the paper's grid
-    stops at 0.19 (noise level 0.68).  g = 3 s^2 in the converted (VP) time, VP beta in [0.1, 20]."""
+    one state, having stopped advancing one grid point earlier).
+    Time schedule 1 - (1 - tau)^2 (the paper's App. C text; the code's sqrt(1 - (1 - tau)^2) is "exp";
+    "lambda" = the model's uniform log-SNR grid, on which the leftover budget lands where proposals no
+    longer differ).  Output: the code returns the Tweedie estimate at the last grid point reached, VP
+    time 0.19 (noise level 0.68) here at 10 steps, which a timestep-distilled FLUX-schnell renders
+    sharp but an ordinary model renders as a blurred mean (on the GMM the returned sample's log-density
+    fell from 2 to -8).  So by default the best chain's state is finished with `finish_steps` steps of
+    the deterministic probability-flow ODE (dpmpp_2m), paid from the budget; finish_steps = 0 returns
+    the code's Tweedie estimate.  g = 3 s^2 in the converted (VP) time, VP beta in [0.1, 20]."""
     budget = model.budget
     g_n, shape = streams.searches, tuple(model.shape)
     n = particles
     init = int(init_fraction * budget.remaining / n)
-    rounds, quota = rbf_plan(budget.remaining, steps, n, init)
+    rounds, quota = rbf_plan(budget.remaining - finish_steps, steps, n, init)
+    if finish_steps:  # the finish also takes the remainder (< particles) that rounds cannot split evenly
+        finish_steps = budget.remaining - n * (max(init, 1) + rounds)
     interp = INTERPOLANTS[interpolant]
-    times = time_grid(time_schedule, steps, largest_time(interp, float(model.sigma_max)))
+    if time_schedule == "lambda":
+        top = min(float(model.sigma_max), float(kappa(interp, 1.0)))
+        lam = torch.linspace(-math.log(top), -math.log(float(model.sigma_min)), steps + 1, dtype=torch.float64)
+        times = torch.cat([times_of_kappas(interp, torch.exp(-lam[:-1])), torch.zeros(1, dtype=torch.float64)])
+    else:
+        times = time_grid(time_schedule, steps, largest_time(interp, float(model.sigma_max)))
     tracker.trace.append({"event": "plan", "init_particles": init, "rounds": rounds, "quota": quota,
+                          "finish_steps": finish_steps,
                           "times": [round(float(t), 6) for t in times]})
 
     def propose_eval(x, s, c):
@@ -107,5 +131,17 @@ def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, 
         buf[at_last] = val[at_last]
     final_r = torch.where(at_last, cand_r, r_star)
     pick = final_r.reshape(g_n, n).argmax(1) + torch.arange(g_n) * n
-    tracker.report("final")
-    return tracker.result(streams.seeds, samples=x0[pick].to(torch.float32), rewards=final_r[pick])
+    if finish_steps == 0:
+        tracker.report("final")
+        return tracker.result(streams.seeds, samples=x0[pick].to(torch.float32), rewards=final_r[pick])
+    # Finish the best chain's state with the deterministic probability-flow ODE (dpmpp_2m on a uniform
+    # log-SNR grid from its noise level to 0) instead of returning its Tweedie mean.
+    a, sg, _, _ = interp.coefficients(times[steps - 1])
+    k_start = float(sg / a)
+    lam = torch.linspace(-math.log(k_start), -math.log(float(model.sigma_min)), finish_steps + 1, dtype=torch.float64)
+    sigmas = torch.cat([torch.exp(-lam[:-1]), torch.zeros(1, dtype=torch.float64)])
+    c_out = None if cond is None else torch.as_tensor(cond).reshape(g_n)
+    out = rollout("dpmpp_2m", model, (x[pick] / a).to(torch.float32), sigmas, c_out, None, tracker.tick)
+    rewards = score_with(verifier, budget, out, c_out)
+    tracker.offer(out, rewards, "finished")
+    return tracker.result(streams.seeds, samples=out, rewards=rewards)

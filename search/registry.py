@@ -80,8 +80,11 @@ SEARCHES: dict[str, SearchSpec] = {
          "interpolant": SearchOption(str, "vp", choices=("vp", "linear"), help="interpolant of the SDE"),
          "diffusion": SearchOption(str, "square", choices=("square", "linear", "zero"), help="g_s shape"),
          "diffusion_norm": SearchOption(float, 3.0, 0.0, 20.0, help="g_s = norm * s^2 for square"),
-         "time_schedule": SearchOption(str, "quadratic", choices=("quadratic", "exp", "uniform"),
-                                       help="time grid: 1-(1-tau)^2 (paper), sqrt(1-(1-tau)^2) (code)")}),
+         "finish_steps": SearchOption(int, 3, 0, 100, help="ODE steps that finish the best chain; 0 = return "
+                                                           "its Tweedie estimate (code)"),
+         "time_schedule": SearchOption(str, "quadratic", choices=("quadratic", "exp", "lambda", "uniform"),
+                                       help="time grid: the model's log-SNR grid, 1-(1-tau)^2 (paper), "
+                                            "sqrt(1-(1-tau)^2) (code)")}),
     "fkc": SearchSpec(
         "fkc", fkc, ("diffusion", "flow"), False,
         "Feynman-Kac correctors: SMC over weighted SDEs for CFG as a geometric average, temperature "
@@ -97,8 +100,8 @@ SEARCHES: dict[str, SearchSpec] = {
          "particles": SearchOption(int, 0, 0, 100_000, help="K; 0 = budget / (T * NFE per step)"),
          "select": SearchOption(str, "first", choices=("first", "verifier"), help="which particle to return"),
          "reweight": SearchOption(bool, True, help="false = the same SDE without weights (baseline)"),
-         "discretization": SearchOption(str, "exponential", choices=("exponential", "euler_maruyama"),
-                                        help="SDE step: exponential integrator or Euler-Maruyama")}),
+         "discretization": SearchOption(str, "auto", choices=("auto", "exponential", "euler_maruyama"),
+                                        help="SDE step; auto = exponential (DDPM) for cfg, else Euler-Maruyama")}),
 }
 
 

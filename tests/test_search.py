@@ -1,0 +1,209 @@
+"""search/: budgets, determinism, the registry's validation, verifiers, progress hooks, and that every
+reward-driven search concentrates more mass on a rewarded GMM component than best-of-N at equal NFE."""
+
+import pytest
+import torch
+
+from samplers.errors import BudgetExceeded, Cancelled, InvalidRequest
+from samplers.gmm import gmm_2d
+from samplers.processes import DiscreteVP, RectifiedFlow
+from search import SEARCHES, VERIFIERS, Budget, CountedModel, build_verifier, run_search
+from search.evosearch import evo_nfe, evo_plan
+from search.verifiers import ClassLogProb, InkMass, WordPresence
+
+MIXTURE = gmm_2d()
+FLOW = MIXTURE.denoiser(RectifiedFlow(), "velocity", conditional=True)
+VP = MIXTURE.denoiser(DiscreteVP.from_schedule(), "eps", conditional=True)
+COMPONENT = build_verifier("gmm-component", {"component": 3}, {"mixture": MIXTURE})
+METHODS = {"best_of_n": {}, "evosearch": {}, "rollover_budget_forcing": {}, "fkc": {"select": "verifier"}}
+
+
+class RowCounter:
+    """The ground truth for accounting: rows the raw model actually received."""
+
+    def __init__(self, model):
+        self.model, self.rows, self.calls = model, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x, sigma, cond=None):
+        self.rows += x.shape[0]
+        self.calls += 1
+        return self.model(x, sigma, cond)
+
+
+def _run(method, model=FLOW, budget=80, seeds=(0, 1), cond=(3, 3), guidance=None, options=None, **kw):
+    opts = dict(METHODS[method], **(options or {}))
+    return run_search(method, model, verifier=COMPONENT, budget_nfe=budget, cond=list(cond), seeds=list(seeds),
+                      steps=10, guidance=guidance, options=opts, **kw)
+
+
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_best_of_n_spends_exactly_n_times_t(guidance):
+    counter = RowCounter(FLOW)
+    result = run_search("best_of_n", counter, verifier=COMPONENT, budget_nfe=7 * 10, cond=[1, 2, 3], seeds=[0, 1, 2],
+                        steps=10, guidance=guidance)
+    passes = 2 if guidance else 1  # CFG: one NFE, two network passes
+    assert result.nfe == 70 and result.verifier_calls == 7
+    assert result.network_passes == 70 * passes == counter.rows // 3
+    assert result.samples.shape == (3, 2) and result.rewards.shape == (3,)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("budget", [40, 97, 160])
+def test_every_method_stays_within_its_budget(method, budget):
+    counter = RowCounter(FLOW)
+    result = run_search(method, counter, verifier=COMPONENT, budget_nfe=budget, cond=[3, 5], seeds=[0, 1], steps=10,
+                        guidance=1.5, options=METHODS[method])
+    assert result.nfe <= budget
+    assert result.network_passes == counter.rows // 2
+    assert result.network_passes == 2 * result.nfe  # every NFE here is a guided (two-pass) evaluation
+    if method in ("best_of_n", "rollover_budget_forcing"):
+        expected = budget - budget % 10 if method == "best_of_n" else budget
+        assert result.nfe == expected
+    assert budget - result.nfe < 10 + (10 if method == "evosearch" else 0)
+
+
+def test_counted_model_raises_before_the_network_runs():
+    counter = RowCounter(FLOW)
+    budget = Budget(limit=5, searches=1)
+    model = CountedModel(counter, budget)
+    x = torch.zeros(4, 2)
+    model(x, 1.0, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(BudgetExceeded, match="budget_nfe"):
+        model(x, 1.0, torch.zeros(4, dtype=torch.int64))
+    assert counter.calls == 1 and budget.nfe == 4
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_same_seeds_same_result_and_batch_independence(method):
+    a = _run(method, seeds=(5, 9), cond=(3, 3))
+    b = _run(method, seeds=(5, 9), cond=(3, 3))
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.rewards, b.rewards)
+    alone = _run(method, seeds=(9,), cond=(3,))
+    torch.testing.assert_close(alone.samples[0], a.samples[1], rtol=1e-5, atol=1e-5)
+    other = _run(method, seeds=(6, 10), cond=(3, 3))
+    assert not torch.equal(other.samples, a.samples)
+
+
+def test_evosearch_nfe_formula_matches_the_reference_examples():
+    assert evo_nfe((0, 20, 30, 40), (42, 26, 26, 26, 30), 50) == 5000  # SD2.1 default = BoN-100 x 50
+    assert evo_nfe((5, 20, 30, 40), (14, 7, 7, 7, 10), 50) == 1465  # FLUX default
+    e, pops = evo_plan(400, 10, 4, 2.0)
+    assert e == (0, 2, 5, 7) and pops[0] == 2 * pops[1]
+    assert 400 - 3 < evo_nfe(e, pops, 10) <= 400  # the remainder goes into the last population
+
+
+def test_fkc_cfg_counts_one_nfe_per_particle_step():
+    counter = RowCounter(VP)
+    result = run_search("fkc", counter, verifier=None, budget_nfe=40, cond=[2], seeds=[0], steps=10, guidance=3.0)
+    assert result.nfe == 40 and result.network_passes == 80 == counter.rows
+    assert result.verifier_calls == 0 and torch.isnan(result.rewards).all()
+    info = next(t for t in result.trace if t["event"] == "particles")
+    assert info["particles"] == 4 and info["beta"] == 3.0
+
+
+def test_hook_streams_a_nondecreasing_best_so_far_and_can_cancel():
+    seen = []
+    result = _run("evosearch", budget=120, hook=seen.append)
+    best = torch.stack([p.best_rewards for p in seen if p.best_rewards is not None])
+    assert (best[1:] >= best[:-1]).all()
+    assert all(p.nfe <= 120 and p.budget_nfe == 120 for p in seen)
+    assert seen[-1].best_x0.shape == (2, 2)
+    torch.testing.assert_close(best[-1], result.rewards)
+
+    def cancel(progress):
+        if progress.nfe >= 30:
+            raise Cancelled("client went away")
+
+    with pytest.raises(Cancelled):
+        _run("rollover_budget_forcing", budget=120, hook=cancel)
+
+
+@pytest.mark.parametrize("method,options,field", [
+    ("", {}, "search.method"),
+    ("beam", {}, "search.method"),
+    ("evosearch", {"mutation_rate": 1.5}, "search.options.mutation_rate"),
+    ("evosearch", {"elites": "two"}, "search.options.elites"),
+    ("evosearch", {"evolution_steps": [0, 5, 3]}, "search.options.evolution_steps"),
+    ("evosearch", {"population": 4}, "search.options.population"),
+    ("fkc", {"target": "tilt"}, "search.options.target"),
+    ("rollover_budget_forcing", {"interpolant": "cosine"}, "search.options.interpolant"),
+])
+def test_bad_requests_name_the_field(method, options, field):
+    with pytest.raises(InvalidRequest, match=field.replace(".", r"\.")):
+        run_search(method, FLOW, verifier=COMPONENT, budget_nfe=100, cond=[1], seeds=[0], steps=10, options=options)
+
+
+def test_bad_budgets_seeds_and_conditions():
+    with pytest.raises(InvalidRequest, match="search.budget_nfe"):
+        _run("rollover_budget_forcing", budget=12)  # needs particles * (1 + steps - 1) + finish
+    with pytest.raises(InvalidRequest, match="search.budget_nfe"):
+        _run("best_of_n", budget=0)
+    with pytest.raises(InvalidRequest, match="search.budget_nfe"):
+        _run("best_of_n", budget=9)
+    with pytest.raises(InvalidRequest, match="cond"):
+        _run("best_of_n", cond=(1, 2, 3))
+    with pytest.raises(InvalidRequest, match="seeds"):
+        _run("best_of_n", seeds=(-1, 2))
+    with pytest.raises(InvalidRequest, match="search.verifier"):
+        run_search("evosearch", FLOW, verifier=None, budget_nfe=100, cond=[1], seeds=[0])
+
+
+def test_verifier_registry():
+    assert {"digit-class", "digit-class-b", "ink-mass", "text-words", "gmm-component"} <= set(VERIFIERS)
+    assert VERIFIERS["digit-class-b"].held_out
+    with pytest.raises(InvalidRequest, match="search.verifier"):
+        build_verifier("aesthetic")
+    with pytest.raises(InvalidRequest, match="not available"):
+        build_verifier("digit-class", {}, {})
+    with pytest.raises(InvalidRequest, match=r"search\.verifier_options\.target"):
+        build_verifier("ink-mass", {"target": 2.0})
+    with pytest.raises(InvalidRequest, match="search.verifier"):
+        build_verifier("text-words", {}, {}, kind="diffusion")
+    assert all(spec.options is not None for spec in SEARCHES.values())
+
+
+def test_verifiers_compute_what_they_say():
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x = torch.rand(3, 1, 8, 8) * 4 - 2
+    labels = torch.tensor([1, 4, 9])
+    expected = torch.log_softmax(clf(x.clamp(-1, 1)).double(), -1)[torch.arange(3), labels]
+    torch.testing.assert_close(ClassLogProb(clf)(x, labels), expected)
+    with pytest.raises(InvalidRequest, match="class label"):
+        ClassLogProb(clf)(x, None)
+    ink = torch.stack([torch.full((1, 8, 8), -1.0), torch.full((1, 8, 8), 1.0), torch.zeros(1, 8, 8)])
+    torch.testing.assert_close(InkMass()(ink), torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(InkMass(0.5)(ink), torch.tensor([-0.5, -0.5, 0.0], dtype=torch.float64))
+    vocab = {" cat": [5], " big dog": [7, 8]}
+    words = WordPresence.from_words(["cat", "big dog"], lambda w: vocab.get(w, []))
+    tokens = torch.tensor([[1, 5, 2, 7, 8], [7, 1, 8, 1, 1], [1, 1, 1, 7, 8]])
+    torch.testing.assert_close(words(tokens), torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64))
+    pts = torch.randn(5, 2, dtype=torch.float64)
+    torch.testing.assert_close(COMPONENT(pts), MIXTURE.log_density(pts, 0.0, torch.full((5,), 3)))
+
+
+def test_reward_searches_concentrate_more_mass_on_the_rewarded_component_than_best_of_n():
+    """Verifier = exact log-density of component 3 of the (unconditional) 2-D GMM, 16 x T NFE, T = 10:
+    EvoSearch and RBF put more of their returned samples in that component, and more of them within one
+    component std of its mean, than best-of-N with the same NFE.  FKC is reward-free (its weights come
+    from the scores), so it is checked against exact targets in test_search_exact.py instead."""
+    model = MIXTURE.denoiser(RectifiedFlow(), "velocity", conditional=False)
+    verifier = build_verifier("gmm-component", {"component": 3}, {"mixture": MIXTURE})
+    mu, sd = MIXTURE.means[3].double(), float(MIXTURE.stds[3])
+
+    def masses(method, options):
+        result = run_search(method, model, verifier=verifier, budget_nfe=160, seeds=list(range(32)), steps=10,
+                            options=options)
+        assert result.nfe <= 160
+        x = result.samples.double()
+        log_r, _ = MIXTURE._log_resp(x, torch.zeros(len(x), dtype=torch.float64), None)
+        return (log_r.argmax(1) == 3).double().mean(), ((x - mu).norm(dim=1) < sd).double().mean()
+
+    bon_region, bon_core = masses("best_of_n", {})
+    for method, options in [("evosearch", {}), ("rollover_budget_forcing", {"interpolant": "linear"})]:
+        region, core = masses(method, options)
+        assert region > bon_region, method
+        assert core > bon_core + 0.15, method
