@@ -112,8 +112,9 @@ def load_unet_denoiser(directory: str | Path, device: str = "cpu", dtype: torch.
     directory = Path(directory)
     mapping = map_scheduler_config(load_scheduler_config(directory))
     require_safetensors(directory / "unet", "unet")
-    unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, local_files_only=True)
-    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, local_files_only=True,
+                                       torch_dtype=dtype)
+    unet = unet.to(device).eval().requires_grad_(False)
     embeds = unet.config.num_class_embeds
     if null_class is not None and (embeds is None or null_class != embeds - 1):
         raise UnsupportedConfig(f"null_class: {null_class} must be the last class embedding of this model "
