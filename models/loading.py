@@ -22,6 +22,7 @@ class LoadedModel:
     entry: ModelEntry
     model: Any  # Denoiser | AverageVelocity | masked model
     shift: float = 1.0
+    backend: str = "torch"  # what runs the network, as GetModel reports it (models/backends.py)
 
     @property
     def name(self) -> str:
@@ -71,4 +72,6 @@ LOADERS: dict[str, Callable[[ModelEntry, str], LoadedModel]] = {
 
 
 def load_model(entry: ModelEntry, device: str = "cpu") -> LoadedModel:
-    return LOADERS[entry.kind](entry, device)
+    from .backends import apply_backend
+
+    return apply_backend(LOADERS[entry.kind](entry, device), device)

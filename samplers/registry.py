@@ -126,9 +126,9 @@ class CallCounter:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, x, sigma, cond=None):
+    def __call__(self, x, *args):  # (x, sigma, cond) for denoisers, (z, r, t, cond) for MeanFlow models
         self.calls += 1
-        return self.model(x, sigma, cond)
+        return self.model(x, *args)
 
 
 def check_inputs(model, x: torch.Tensor, sigmas: torch.Tensor) -> None:

@@ -132,6 +132,17 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from models.config import load_config, lookup
+    from models.export import export_model
+
+    entry = lookup(load_config(args.config), args.model)
+    for line in export_model(entry, args.format, opset=args.opset, fp16=args.fp16, max_batch=args.max_batch,
+                             out_dir=Path(args.out_dir) if args.out_dir else None):
+        print(line)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .app import serve
     from .config import load_server_config
@@ -180,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--config", default=str(DEFAULT_CONFIG))
     _client_flags(mod)
     mod.set_defaults(func=cmd_models)
+    exp = sub.add_parser("export", help="export a model's network to ONNX (dynamic batch) or a TensorRT engine")
+    exp.add_argument("--config", default=str(DEFAULT_CONFIG), help="models config (TOML); default: the zoo")
+    exp.add_argument("--model", required=True)
+    exp.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    exp.add_argument("--fp16", action="store_true", help="onnx: half-precision weights; tensorrt: FP16 engine")
+    exp.add_argument("--max-batch", type=int, default=64, help="TensorRT profile: batch 1..max (default 64)")
+    exp.add_argument("--out-dir", help="where to write (default: the model's export_dir, else <model>/onnx)")
+    exp.set_defaults(func=cmd_export)
     srv = sub.add_parser("serve", help="run the gRPC server")
     srv.add_argument("--config", default=str(DEFAULT_CONFIG), help="models config (TOML); default: the zoo")
     srv.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")

@@ -1,0 +1,86 @@
+"""Small random models with the zoo's architectures, saved like the zoo saves them, and a models config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "and", "to", "of", "big"]
+KINDS = {"digits-ddpm": "diffusion", "digits-flow": "flow", "digits-meanflow": "meanflow", "text-mdm": "masked"}
+SAMPLERS = {"digits-ddpm": "dpmpp_2m", "digits-flow": "euler", "digits-meanflow": "meanflow", "text-mdm": "mdlm"}
+
+
+def save_unet(path: Path, scheduler, seed: int) -> None:
+    from models.digits_unet import build_digits_unet
+
+    torch.manual_seed(seed)
+    unet = build_digits_unet()
+    with torch.no_grad():  # the zoo's weights are not near their initialisation; random ones exercise more
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    scheduler.save_pretrained(path / "scheduler")
+
+
+def save_meanflow(path: Path, seed: int) -> None:
+    from models.meanflow_net import MeanFlowNet, save_meanflow_net
+
+    torch.manual_seed(seed)
+    net = MeanFlowNet()
+    with torch.no_grad():  # a trained h-branch is not zero: make (t, h) both matter
+        for p in net.h_embedding.parameters():
+            p.copy_(0.05 * torch.randn_like(p))
+    save_meanflow_net(net, path)
+
+
+def save_masked_lm(path: Path, seed: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=24, pad_token="[PAD]",
+                                        unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    # text-mdm's shape (models/recipes/text_mdm.py ARCH), narrower
+    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=24, type_vocab_size=1, pad_token_id=0)
+    BertForMaskedLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def write_zoo(root: Path, seed: int = 0) -> None:
+    """digits-ddpm, digits-flow, digits-meanflow and text-mdm stand-ins under root."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    save_unet(root / "digits-ddpm", DDPMScheduler(), seed)
+    save_unet(root / "digits-flow", FlowMatchEulerDiscreteScheduler(shift=1.0), seed + 1)
+    save_meanflow(root / "digits-meanflow", seed + 2)
+    save_masked_lm(root / "text-mdm", seed + 3)
+
+
+def model_block(name: str, suffix: str = "", **options) -> str:
+    """One [[models]] entry for a zoo stand-in, with backend options as TOML."""
+    kind = KINDS[name]
+    lines = ["[[models]]", f'name = "{name}{suffix}"', f'directory = "{name}"', f'kind = "{kind}"',
+             f'default_sampler = "{SAMPLERS[name]}"', "default_steps = 10"]
+    if kind != "masked":
+        lines.append("null_class = 10")
+    for key, value in options.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, str):
+            lines.append(f'{key} = "{value}"')
+        elif isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
+        else:
+            lines.append(f"{key} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(root: Path, blocks: list[str], filename: str = "models.toml") -> Path:
+    path = root / filename
+    path.write_text('model_roots = ["."]\n\n' + "\n".join(blocks))
+    return path
