@@ -74,7 +74,7 @@ def _check_finite(out: torch.Tensor) -> torch.Tensor:
 
 def _continuous(loaded, model, request: GenerateRequest, hook) -> GenerateResult:
     seeds = request.sample_seeds()
-    noise = SampleNoise(seeds, torch.float32)
+    noise = SampleNoise(seeds, torch.float64)  # sampler state in float64, as EDM keeps it; networks stay fp32
     labels = _labels(model, request)
     spec = REGISTRY.get(request.sampler)
     if loaded.kind == "meanflow" and spec is not None and "meanflow" not in spec.kinds:

@@ -66,30 +66,42 @@ def test_list_and_get_models_and_samplers(stub):
     assert eta.type == "float" and eta.minimum == 0 and eta.maximum == 1
 
 
-def test_concurrent_clients_get_exactly_their_solo_results():
+JOBS = [dict(sampler=s, steps=n, base_seed=100 + k, num_samples=1 + k % 3, class_label=k % 10,
+             guidance=[1.0, 2.0, 4.0][k % 3], format=pb.TENSOR)
+        for k, (s, n) in enumerate([("dpmpp_2m", 6), ("euler", 4), ("unipc", 9), ("ddpm", 5)] * 8)]
+
+
+def _solo_and_concurrent(srv, model):
+    stub, channel = stub_for(srv)
+
+    def run(job):
+        r = stub.Generate(pb.GenerateRequest(model=model, **job))
+        return np.stack([tensor_to_array(s.tensor) for s in r.samples])
+
+    alone = [run(job) for job in JOBS]
+    before = metrics.BATCH_SIZE.labels(model)._sum.get()
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(run, JOBS))
+    batched = metrics.BATCH_SIZE.labels(model)._sum.get() - before
+    channel.close()
+    # every sample's every evaluation went through the batcher (guided samples count twice)
+    assert batched == sum(j["num_samples"] * j["steps"] * (2 if j["guidance"] != 1 else 1) for j in JOBS)
+    return max(float(np.abs(a - b).max()) for a, b in zip(alone, together))
+
+
+def test_concurrent_clients_get_exactly_their_solo_results(server):
+    """32 concurrent clients, mixed samplers / steps / guidance, on the exact float64 model: to 1e-5."""
+    assert _solo_and_concurrent(server, "gmm") < 1e-5
+
+
+def test_concurrent_clients_on_the_trained_unet():
+    """The same on the float32 digits UNet: CPU kernels differ by batch size (~1e-6 in the network output,
+    amplified by the guidance scale), so solo and batched agree to 1e-4 here (docs/serving.md)."""
     from models.config import load_config
     from models.loading import load_model
 
-    with running_server({"unet": load_model(replace(load_config()["digits-ddpm"], name="unet"))}, max_batch=64) as srv:
-        stub, channel = stub_for(srv)
-        jobs = [dict(model="unet", sampler=s, steps=n, base_seed=100 + k, num_samples=1 + k % 3, class_label=k % 10,
-                     guidance=[1.0, 2.0, 4.0][k % 3], format=pb.TENSOR)
-                for k, (s, n) in enumerate([("dpmpp_2m", 6), ("euler", 4), ("unipc", 9), ("ddpm", 5)] * 8)]
-
-        def run(job):
-            r = stub.Generate(pb.GenerateRequest(**job))
-            return np.stack([tensor_to_array(s.tensor) for s in r.samples])
-
-        alone = [run(job) for job in jobs]
-        before = metrics.BATCH_SIZE.labels("unet")._sum.get()
-        with ThreadPoolExecutor(32) as pool:
-            together = list(pool.map(run, jobs))
-        for a, b in zip(alone, together):
-            assert np.abs(a - b).max() < 1e-5
-        batched = metrics.BATCH_SIZE.labels("unet")._sum.get() - before
-        count = sum(job["num_samples"] * job["steps"] * (2 if job["guidance"] != 1 else 1) for job in jobs)
-        assert batched == count  # every sample's every evaluation went through the batcher
-        channel.close()
+    with running_server({"unet": load_model(replace(load_config()["digits-ddpm"], name="unet"))}) as srv:
+        assert _solo_and_concurrent(srv, "unet") < 1e-4
 
 
 @pytest.mark.parametrize("request_kwargs,code,fragment", [
