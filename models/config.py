@@ -10,6 +10,9 @@
     default_steps = 10
     guidance = 2.0                 # optional default classifier-free guidance scale
     null_class = 10                # class-embedding index trained as "no class"
+
+    [verifiers]                    # classifiers the search verifiers use, by resource name
+    classifier-a = "digit-classifier-a"
 """
 
 from __future__ import annotations
@@ -80,6 +83,14 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> dict[str, ModelEntry]:
     if len(set(names)) != len(names):
         raise ConfigError("models: model names must be unique")
     return {e.name: e for e in entries}
+
+
+def load_verifier_dirs(path: str | Path = DEFAULT_CONFIG) -> dict[str, Path]:
+    """The `[verifiers]` table: resource name -> classifier directory inside the model roots."""
+    path = Path(path)
+    raw = tomllib.loads(path.read_text())
+    roots = [(path.parent / r).resolve() for r in raw.get("model_roots", ["."])]
+    return {name: resolve_in_roots(d, roots, f"verifiers.{name}") for name, d in raw.get("verifiers", {}).items()}
 
 
 def lookup(entries: dict[str, ModelEntry], name: str) -> ModelEntry:

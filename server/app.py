@@ -58,13 +58,14 @@ def _credentials(config: ServerConfig):
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True, services=()) -> RunningServer:
+def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True, services=(),
+                 resources: dict | None = None) -> RunningServer:
     """Start serving on config.host:config.port (0 = a free port); health is NOT_SERVING until warm.
 
     `services` are extra callables `add(grpc_server, engine) -> list of full service names` (for
     example the job queue's), registered beside the Diffserve service and listed by reflection."""
     pb, pb_grpc = protogen.load()
-    engine = Engine(loaded_models, config)
+    engine = Engine(loaded_models, config, resources)
     interceptors = [ErrorInterceptor()]
     if config.auth_token:
         interceptors.insert(0, TokenAuthInterceptor(config.auth_token))
@@ -101,6 +102,14 @@ def load_models(config_path: str | Path, device: str = "cpu") -> dict:
     return {name: load_model(entry, device) for name, entry in load_config(config_path).items()}
 
 
+def load_resources(config_path: str | Path, device: str = "cpu") -> dict:
+    """What verifiers need, from the config's `[verifiers]` table (e.g. classifier-a = "digit-classifier-a")."""
+    from models.classifiers import load_classifier
+    from models.config import load_verifier_dirs
+
+    return {name: load_classifier(directory, device) for name, directory in load_verifier_dirs(config_path).items()}
+
+
 def serve(config_path: str | Path, config: ServerConfig) -> None:
     """Load every configured model, serve until SIGTERM / SIGINT, then stop gracefully."""
     from .queue.runtime import QueueRuntime
@@ -108,7 +117,7 @@ def serve(config_path: str | Path, config: ServerConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     queue = QueueRuntime(config)  # a local Redis under run/redis unless config.redis_url names one
     models = load_models(config_path, config.device)
-    running = start_server(models, config, services=[queue.service])
+    running = start_server(models, config, services=[queue.service], resources=load_resources(config_path))
     queue.start_worker(running.engine)
     log.info("serving %s on port %d (metrics on %s)", ", ".join(models), running.port, running.metrics_port)
     stop = threading.Event()

@@ -21,6 +21,16 @@ def _parse_option(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _search_request(args):
+    from .generation import SearchRequest
+
+    if not args.search:
+        return None
+    return SearchRequest(args.search, args.budget or 0, args.verifier or "",
+                         dict(_parse_option(o) for o in args.search_option),
+                         dict(_parse_option(o) for o in args.verifier_option))
+
+
 def cmd_generate_remote(args) -> int:
     import numpy as np
     from google.protobuf import struct_pb2
@@ -35,6 +45,11 @@ def cmd_generate_remote(args) -> int:
                                  num_samples=args.n, base_seed=args.seed, grid=args.grid or "",
                                  prompt_text=args.prompt or "", options=options,
                                  format=pb.TENSOR if args.format == "npy" else pb.OUTPUT_FORMAT_UNSPECIFIED)
+    if args.search:
+        request.search.CopyFrom(pb.SearchSpec(method=args.search, budget_nfe=args.budget or 0,
+                                              verifier=args.verifier or ""))
+        request.search.options.update(dict(_parse_option(o) for o in args.search_option))
+        request.search.verifier_options.update(dict(_parse_option(o) for o in args.verifier_option))
     if args.class_label is not None:
         request.class_label = args.class_label
     if args.guidance is not None:
@@ -45,6 +60,8 @@ def cmd_generate_remote(args) -> int:
             if event.HasField("progress"):
                 bar.total = event.progress.steps
                 bar.update(event.progress.step - bar.n)
+                if event.progress.HasField("best_reward"):
+                    bar.set_postfix(best_reward=f"{event.progress.best_reward:.3f}")
             else:
                 result = event.result
     out = Path(args.out)
@@ -55,6 +72,9 @@ def cmd_generate_remote(args) -> int:
         np.save(out, np.stack([tensor_to_array(s.tensor) for s in result.samples]))
     else:
         out.write_bytes(result.grid_png)
+    rewards = [s.reward for s in result.samples if s.HasField("reward")]
+    if rewards:
+        print(f"rewards: {', '.join(f'{r:.3f}' for r in rewards)}")
     print(f"wrote {len(result.samples)} samples to {out} ({result.nfe} NFE, compute "
           f"{result.timings.compute_seconds:.2f} s, queue {result.timings.queue_seconds:.3f} s)")
     return 0
@@ -69,6 +89,7 @@ def cmd_generate(args) -> int:
     from models.config import load_config, lookup
     from models.loading import load_model
 
+    from .app import load_resources
     from .generation import GenerateRequest, generate
     from .images import grid_png
 
@@ -80,13 +101,20 @@ def cmd_generate(args) -> int:
                               guidance=args.guidance if args.guidance is not None else
                               (entry.guidance if args.class_label is not None else None),
                               grid=args.grid, options=dict(_parse_option(o) for o in args.option),
-                              prompt_text=args.prompt)
+                              prompt_text=args.prompt, search=_search_request(args))
     with tqdm(total=request.steps, desc=f"{entry.name} {request.sampler}", unit="step", leave=False,
               disable=args.quiet) as bar:
         def progress(info):
-            bar.total = info.steps
-            bar.update(1)
-        result = generate(loaded, request, hook=progress)
+            if hasattr(info, "budget_nfe"):  # a search: NFE spent of the budget
+                bar.total = info.budget_nfe
+                bar.update(info.nfe - bar.n)
+            else:
+                bar.total = info.steps
+                bar.update(1)
+        resources = load_resources(args.config) if request.search else None
+        result = generate(loaded, request, hook=progress, resources=resources)
+    if result.rewards is not None:
+        print(f"rewards: {', '.join(f'{r:.3f}' for r in result.rewards)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if result.texts is not None:
@@ -179,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--grid", help="time grid: uniform_t, uniform_lambda, karras, quadratic_t")
     gen.add_argument("--option", action="append", default=[], help="sampler option KEY=VALUE (repeatable)")
     gen.add_argument("--prompt", help="masked models: a text template; the mask token marks positions to fill")
+    gen.add_argument("--search", help="test-time search method instead of one sampler run (e.g. evosearch)")
+    gen.add_argument("--budget", type=int, help="search: NFE budget per sample")
+    gen.add_argument("--verifier", help="search: verifier name (e.g. digit-class)")
+    gen.add_argument("--search-option", action="append", default=[], help="search method option KEY=VALUE")
+    gen.add_argument("--verifier-option", action="append", default=[], help="verifier option KEY=VALUE")
     gen.add_argument("--format", choices=("png", "npy"), default="png")
     gen.add_argument("--out", default="grid.png")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")

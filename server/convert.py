@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from samplers import REGISTRY
 from samplers.errors import InvalidRequest
 
-from .generation import GenerateRequest
+from .generation import GenerateRequest, SearchRequest
 from .images import grid_png
 
 
@@ -27,9 +27,6 @@ def _struct(message, field: str) -> dict:
 
 def to_request(pb, request, entry) -> GenerateRequest:
     """A GenerateRequest proto -> GenerateRequest, filling the model's defaults."""
-    if request.search.method or request.search.budget_nfe:
-        from .errors import NotImplementedYet
-        raise NotImplementedYet("search: test-time search is not available on this server yet")
     seeds = tuple(int(s) for s in request.seeds) or None
     n = request.num_samples or (len(seeds) if seeds else 1)
     steps = request.steps or (None if entry.kind == "masked" else entry.default_steps)  # masked: per sampler
@@ -41,7 +38,14 @@ def to_request(pb, request, entry) -> GenerateRequest:
         raise InvalidRequest("guidance: must be finite")
     if request.preview_every and request.format == pb.TEXT:
         raise InvalidRequest("preview_every: previews are images; not available with TEXT output")
-    return GenerateRequest(sampler=request.sampler or entry.default_sampler, steps=steps, n=n,
+    search = None
+    if request.HasField("search"):
+        spec = request.search
+        if not spec.method:
+            raise InvalidRequest("search.method: name is empty")
+        search = SearchRequest(spec.method, int(spec.budget_nfe), spec.verifier, _struct(spec, "options"),
+                               _struct(spec, "verifier_options"))
+    return GenerateRequest(sampler=request.sampler or entry.default_sampler, steps=steps, n=n, search=search,
                            seed=int(request.base_seed), seeds=seeds, class_label=class_label, guidance=guidance,
                            grid=request.grid or None, options=_struct(request, "options"),
                            prompt_tokens=tuple(request.prompt_tokens) or None,
@@ -68,8 +72,10 @@ def to_response(pb, name: str, out, fmt: int):
     else:
         if fmt == pb.TEXT:
             raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
-        for seed, x in zip(result.seeds, result.samples):
+        for k, (seed, x) in enumerate(zip(result.seeds, result.samples)):
             sample = pb.Sample(seed=seed)
+            if result.rewards is not None and math.isfinite(result.rewards[k]):
+                sample.reward = result.rewards[k]
             if fmt == pb.TENSOR:
                 sample.tensor.CopyFrom(tensor(pb, x.float().numpy()))
             else:

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from models.config import lookup
 from samplers.errors import Cancelled, DeadlineExceeded, InvalidRequest
-from samplers.hooks import StepInfo
 
 from . import metrics
 from .batching import BatchedMaskedModel, BatchedModel, Batcher
@@ -52,8 +52,9 @@ class ServedModel:
 
 
 class Engine:
-    def __init__(self, loaded_models: dict, config: ServerConfig):
+    def __init__(self, loaded_models: dict, config: ServerConfig, resources: dict | None = None):
         self.config = config
+        self.resources = dict(resources or {})  # what verifiers need: loaded classifiers, ...
         self.entries = {name: m.entry for name, m in loaded_models.items()}
         self.models = {name: ServedModel(m, config) for name, m in loaded_models.items()}
         self._lock = threading.Lock()
@@ -133,9 +134,11 @@ class Engine:
             self._inflight -= 1
             self._idle.notify_all()
 
-    def generate(self, name: str, request: GenerateRequest, *, on_step: Callable[[StepInfo], None] | None = None,
+    def generate(self, name: str, request: GenerateRequest, *, on_step: Callable[[Any], None] | None = None,
                  cancel: threading.Event | None = None, deadline: float | None = None) -> EngineResult:
-        """Admit, run in a compute thread, wait; raises domain errors (mapped to status codes by the server)."""
+        """Admit, run in a compute thread, wait; raises domain errors (mapped to status codes by the server).
+
+        `on_step` sees a StepInfo per sampler step, or a search.SearchProgress for searches."""
         start = time.monotonic()
         served = self._admit(name, request)
         sampler = request.sampler or served.loaded.entry.default_sampler
@@ -163,7 +166,7 @@ class Engine:
         metrics.QUEUE_SECONDS.labels(name).observe(began - admitted_at)
         metrics.INFLIGHT.labels(name).inc()
 
-        def hook(info: StepInfo) -> None:
+        def hook(info) -> None:
             _check(cancel, deadline)
             if on_step is not None:
                 on_step(info)
@@ -171,7 +174,7 @@ class Engine:
         try:
             _check(cancel, deadline)  # refuse work that was cancelled or ran late while queued
             full = GenerateRequest(**{**request.__dict__, "sampler": sampler})
-            result = generate(served.loaded, full, hook=hook, model=served.model)
+            result = generate(served.loaded, full, hook=hook, model=served.model, resources=self.resources)
         finally:
             metrics.INFLIGHT.labels(name).dec()
         compute = time.monotonic() - began

@@ -18,6 +18,17 @@ MAX_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
+class SearchRequest:
+    """Test-time search instead of one sampler run: method, NFE budget per sample, verifier."""
+
+    method: str
+    budget_nfe: int
+    verifier: str
+    options: dict[str, Any] = field(default_factory=dict)
+    verifier_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """A request in plain Python; every field is validated before any compute."""
 
@@ -32,6 +43,7 @@ class GenerateRequest:
     options: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: tuple[int, ...] | None = None  # masked models: -1 marks positions to sample
     prompt_text: str | None = None
+    search: SearchRequest | None = None
 
     def sample_seeds(self) -> list[int]:
         if self.seeds is not None:
@@ -51,6 +63,7 @@ class GenerateResult:
     nfe: int
     seeds: list[int]
     texts: list[str] | None = None
+    rewards: list[float] | None = None
 
 
 def _labels(model, request: GenerateRequest):
@@ -126,14 +139,38 @@ def _masked(loaded, model, request: GenerateRequest, hook) -> GenerateResult:
     return GenerateResult(out, nfe, seeds, [model.decode(row) for row in out])
 
 
+def _search(loaded, model, request: GenerateRequest, hook, resources) -> GenerateResult:
+    """Test-time search (search/): one search per seed; particles share the engine's batched forwards."""
+    from search import build_verifier, run_search
+
+    if loaded.kind == "masked":
+        raise InvalidRequest("search: test-time search serves image models (diffusion, flow, meanflow)")
+    seeds = request.sample_seeds()
+    labels = _labels(model, request)
+    if loaded.kind == "meanflow":
+        model = model.as_flow_denoiser()
+    kind = "flow" if loaded.kind == "meanflow" else loaded.kind
+    spec = request.search
+    verifier = build_verifier(spec.verifier, spec.verifier_options, {**resources, "model": model}, kind)
+    result = run_search(spec.method, model, verifier=verifier, budget_nfe=spec.budget_nfe, cond=labels, seeds=seeds,
+                        steps=request.steps, guidance=request.guidance if labels is not None else None,
+                        options=spec.options, hook=hook, kind=kind, trace=False)
+    return GenerateResult(_check_finite(result.samples), result.nfe, list(result.seeds),
+                          rewards=[float(r) for r in result.rewards])
+
+
 GENERATORS: dict[str, Callable] = {"diffusion": _continuous, "flow": _continuous, "meanflow": _continuous,
                                    "masked": _masked}
 
 
-def generate(loaded, request: GenerateRequest, hook=None, model=None) -> GenerateResult:
-    """Run `request` on a LoadedModel (through `model`, e.g. a batching facade, when given)."""
+def generate(loaded, request: GenerateRequest, hook=None, model=None, resources=None) -> GenerateResult:
+    """Run `request` on a LoadedModel (through `model`, e.g. a batching facade, when given); `resources`
+    are what verifiers need (loaded classifiers) when the request carries a search."""
     if isinstance(request.n, bool) or not 1 <= request.n <= MAX_SAMPLES:
         raise InvalidRequest(f"num_samples: {request.n} is outside [1, {MAX_SAMPLES}]")
     if not request.sampler:
         raise InvalidRequest("sampler: name is empty")
-    return GENERATORS[loaded.kind](loaded, model if model is not None else loaded.model, request, hook)
+    model = model if model is not None else loaded.model
+    if request.search is not None:
+        return _search(loaded, model, request, hook, resources or {})
+    return GENERATORS[loaded.kind](loaded, model, request, hook)

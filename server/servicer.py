@@ -44,10 +44,17 @@ def make_servicer(pb, pb_grpc, engine: Engine):
                 from samplers.errors import InvalidRequest
                 raise InvalidRequest(f"preview_every: at least {engine.config.min_preview_every}")
 
-            def on_step(info: StepInfo):
-                progress = pb.Progress(step=info.step + 1, steps=info.steps, nfe=info.nfe)
-                if every and (info.step + 1) % every == 0 and info.x0_hat is not None and info.x0_hat.ndim == 4:
-                    progress.preview_png = grid_png(info.x0_hat.detach().float())
+            def on_step(info):
+                if isinstance(info, StepInfo):
+                    progress = pb.Progress(step=info.step + 1, steps=info.steps, nfe=info.nfe)
+                    preview = info.x0_hat if every and (info.step + 1) % every == 0 else None
+                else:  # a search's progress: NFE spent of the budget, best reward so far
+                    progress = pb.Progress(step=info.nfe, steps=info.budget_nfe, nfe=info.nfe)
+                    if info.best_rewards is not None and bool(info.best_rewards.isfinite().any()):
+                        progress.best_reward = float(info.best_rewards[info.best_rewards.isfinite()].max())
+                    preview = info.best_x0 if every else None
+                if preview is not None and preview.ndim == 4:
+                    progress.preview_png = grid_png(preview.detach().float())
                 events.put(pb.GenerateEvent(progress=progress))
 
             outcome: dict = {}

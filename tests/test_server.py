@@ -117,8 +117,12 @@ def test_concurrent_clients_on_the_trained_unet():
     (dict(model="gmm", num_samples=100000), grpc.StatusCode.INVALID_ARGUMENT, "num_samples"),
     (dict(model="gmm", sampler="first_hitting"), grpc.StatusCode.INVALID_ARGUMENT, "does not apply"),
     (dict(model="gmm", format=pb.TEXT), grpc.StatusCode.INVALID_ARGUMENT, "TEXT output"),
-    (dict(model="gmm", search=pb.SearchSpec(method="best_of_n", budget_nfe=10)), grpc.StatusCode.UNIMPLEMENTED,
-     "search"),
+    (dict(model="gmm", search=pb.SearchSpec(method="nope", budget_nfe=10, verifier="ink-mass")),
+     grpc.StatusCode.INVALID_ARGUMENT, "search"),
+    (dict(model="gmm", search=pb.SearchSpec(method="best_of_n", budget_nfe=10, verifier="nope")),
+     grpc.StatusCode.INVALID_ARGUMENT, "search.verifier: unknown verifier 'nope'"),
+    (dict(model="gmm", search=pb.SearchSpec(method="best_of_n", budget_nfe=10, verifier="digit-class")),
+     grpc.StatusCode.INVALID_ARGUMENT, "not available on this server"),
     (dict(model="broken", class_label=7), grpc.StatusCode.INTERNAL, "NaN or Inf"),
 ])
 def test_bad_requests_get_clear_status_codes(stub, request_kwargs, code, fragment):
@@ -198,3 +202,23 @@ def test_reflection_lists_the_services(server):
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"diffserve.v1.Diffserve", "grpc.health.v1.Health"} <= names
     channel.close()
+
+
+def test_search_over_grpc_spends_its_budget_and_returns_rewards(server, stub):
+    from samplers.gmm import gmm_image
+
+    server.engine.resources["mixture"] = gmm_image()
+    spec = pb.SearchSpec(method="best_of_n", budget_nfe=40, verifier="gmm-component")
+    spec.verifier_options.update({"component": 3})
+    request = pb.GenerateRequest(model="gmm", sampler="ddpm", steps=5, num_samples=2, base_seed=7, search=spec,
+                                 format=pb.TENSOR)
+    events = list(stub.GenerateStream(request))
+    result = events[-1].result
+    assert result.nfe == 40 and [s.seed for s in result.samples] == [7, 8]
+    assert all(s.HasField("reward") for s in result.samples)
+    assert any(e.progress.HasField("best_reward") for e in events[:-1])
+    assert max(e.progress.nfe for e in events[:-1]) == 40
+    again = stub.Generate(request)
+    assert [s.reward for s in again.samples] == [s.reward for s in result.samples]  # same seeds, same result
+    plain = stub.Generate(pb.GenerateRequest(model="gmm", sampler="ddpm", steps=5, num_samples=2, base_seed=7))
+    assert plain.nfe == 5
