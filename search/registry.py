@@ -77,7 +77,8 @@ SEARCHES: dict[str, SearchSpec] = {
         "per-step budget. One verifier call per NFE.",
         {"particles": SearchOption(int, 2, 1, 256, help="chains sharing the budget (code: 2)"),
          "init_fraction": SearchOption(float, 0.1, 0.0, 0.9, help="share of the budget spent on initial noises"),
-         "interpolant": SearchOption(str, "vp", choices=("vp", "linear"), help="interpolant of the SDE"),
+         "interpolant": SearchOption(str, "linear", choices=("linear", "vp"),
+                                     help="interpolant of the SDE (vp = the paper's conversion)"),
          "diffusion": SearchOption(str, "square", choices=("square", "linear", "zero"), help="g_s shape"),
          "diffusion_norm": SearchOption(float, 3.0, 0.0, 20.0, help="g_s = norm * s^2 for square"),
          "finish_steps": SearchOption(int, 3, 0, 100, help="ODE steps that finish the best chain; 0 = return "
