@@ -113,6 +113,15 @@ def _logits(model: MaskedDenoiser, x: torch.Tensor, cond: Any) -> torch.Tensor:
     return out
 
 
+def _race_uniforms(noise: SampleNoise, counts: list[int], vocab: int) -> torch.Tensor:
+    """counts[k] x vocab uniforms from stream k, stacked in sample order (streams grouped by count)."""
+    blocks: dict[int, torch.Tensor] = {}
+    for c in set(counts) - {0}:
+        rows = [k for k, ck in enumerate(counts) if ck == c]
+        blocks.update(zip(rows, noise.subset(rows).rand((c, vocab)), strict=True))
+    return torch.cat([blocks[k] for k in sorted(blocks)])
+
+
 def _x0_hat(x: torch.Tensor, probs: torch.Tensor, mask_id: int) -> torch.Tensor:
     return torch.where(x == mask_id, probs.argmax(-1), x)
 
@@ -169,10 +178,7 @@ def mdlm(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None, *, steps
         else:
             q = p * (t - s)
             q[:, model.mask_id] = s  # the mask's own probability is 0 under p_theta; its slot means "stay"
-            counts = masked.sum(1).tolist()
-            u = torch.cat([noise.subset([k]).rand((counts[k], model.vocab_size))[0]
-                           for k in range(batch) if counts[k]])
-            new = categorical(q, u, precision)
+            new = categorical(q, _race_uniforms(noise, masked.sum(1).tolist(), model.vocab_size), precision)
         x[b, l] = new
         stale[b[new != model.mask_id]] = True
         if hook is not None:
