@@ -191,9 +191,11 @@ def _onnxruntime(entry: ModelEntry, opts: BackendOptions, device: str):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = opts.threads
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
     try:
         session = ort.InferenceSession(str(path), so, providers=chosen)
-    except Exception as err:  # a file that hashes right but will not load: export once more, then give up
+    except (InvalidProtobuf, InvalidGraph) as err:  # hashes right yet will not parse: export once more
         log.warning("model %s: onnxruntime cannot load %s (%s); exporting again", entry.name, path.name, err)
         path, manifest = export_onnx(entry, out_dir=export_dir(entry), opset=opts.opset, fp16=opts.fp16,
                                      max_batch=opts.max_batch)

@@ -79,8 +79,10 @@ def profile_shapes(manifest: dict, max_batch: int) -> dict[str, tuple[tuple, tup
 
 
 def engine_key(manifest: dict, fp16: bool, max_batch: int, index: int = 0) -> dict:
-    return {"onnx_sha256": manifest["onnx_sha256"], "gpu": gpu_model(index), **library_versions(),
-            "fp16": fp16, "profile": {k: list(v) for k, v in profile_shapes(manifest, max_batch).items()}}
+    """What an engine is only valid for; in JSON form, so it compares equal to the record written beside it."""
+    key = {"onnx_sha256": manifest["onnx_sha256"], "gpu": gpu_model(index), **library_versions(), "fp16": fp16,
+           "profile": profile_shapes(manifest, max_batch)}
+    return json.loads(json.dumps(key, sort_keys=True))
 
 
 def engine_key_digest(manifest: dict, fp16: bool, max_batch: int, index: int = 0) -> str:
@@ -101,7 +103,7 @@ def build_engine(onnx_path: Path, manifest: dict, fp16: bool, max_batch: int) ->
     config = builder.create_builder_config()
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
-    else:
+    elif hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile_shapes(manifest, max_batch).items():
@@ -160,6 +162,12 @@ class TensorRTRunner:
         self.context = self.engine.create_execution_context()
         self.inputs, self.max_length = manifest["inputs"], manifest.get("max_length")
         self.output = manifest["output"]["name"]
+        # the engine's own I/O types (a parser may have narrowed int64 ids to int32)
+        types = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32}
+        if hasattr(trt.DataType, "INT64"):
+            types[trt.DataType.INT64] = torch.int64
+        self.dtypes = {name: types[self.engine.get_tensor_dtype(name)]
+                       for name in [s["name"] for s in self.inputs] + [self.output]}
         self.description = f"tensorrt {trt.__version__} ({gpu_model(self.device.index or 0)})"
         self._stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
@@ -184,14 +192,14 @@ class TensorRTRunner:
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         with self._lock, torch.cuda.stream(self._stream):
-            buffers = [t.to(self.device).contiguous() for t in tensors]
+            buffers = [t.to(self.device, self.dtypes[s["name"]]).contiguous() for s, t in zip(self.inputs, tensors)]
             for spec, buf in zip(self.inputs, buffers):
                 self.context.set_input_shape(spec["name"], tuple(buf.shape))
                 self.context.set_tensor_address(spec["name"], buf.data_ptr())
-            out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32,
+            out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.dtypes[self.output],
                               device=self.device)
             self.context.set_tensor_address(self.output, out.data_ptr())
             if not self.context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("tensorrt: executing the engine failed")
             self._stream.synchronize()
-            return out.cpu()
+            return out.float().cpu()

@@ -34,31 +34,47 @@ def save_meanflow(path: Path, seed: int) -> None:
     save_meanflow_net(net, path)
 
 
-def save_masked_lm(path: Path, seed: int) -> None:
+def save_masked_lm(path: Path, seed: int, full_size: bool = False) -> None:
+    """A random BERT masked LM: narrow for tests, or text-mdm's exact shape (vocabulary 3000, length 128)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=24, pad_token="[PAD]",
+    length = 128 if full_size else 24
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=length, pad_token="[PAD]",
                                         unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     torch.manual_seed(seed)
-    # text-mdm's shape (models/recipes/text_mdm.py ARCH), narrower
-    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=24, type_vocab_size=1, pad_token_id=0)
+    if full_size:  # models/recipes/text_mdm.py ARCH over models/text_data.py's vocabulary and length
+        shape = dict(vocab_size=3000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=512)
+    else:
+        shape = dict(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128)
+    config = BertConfig(**shape, max_position_embeddings=length, type_vocab_size=1, pad_token_id=0)
     BertForMaskedLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
-def write_zoo(root: Path, seed: int = 0) -> None:
-    """digits-ddpm, digits-flow, digits-meanflow and text-mdm stand-ins under root."""
+def write_model(name: str, path: Path, seed: int = 0, full_size: bool = False) -> None:
+    """A random-weight stand-in for the zoo model `name`, saved to path (the digits ones are full size)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    save_unet(root / "digits-ddpm", DDPMScheduler(), seed)
-    save_unet(root / "digits-flow", FlowMatchEulerDiscreteScheduler(shift=1.0), seed + 1)
-    save_meanflow(root / "digits-meanflow", seed + 2)
-    save_masked_lm(root / "text-mdm", seed + 3)
+    if name == "digits-ddpm":
+        save_unet(path, DDPMScheduler(), seed)
+    elif name == "digits-flow":
+        save_unet(path, FlowMatchEulerDiscreteScheduler(shift=1.0), seed)
+    elif name == "digits-meanflow":
+        save_meanflow(path, seed)
+    else:
+        save_masked_lm(path, seed, full_size)
+
+
+def write_zoo(root: Path, seed: int = 0) -> None:
+    """digits-ddpm, digits-flow, digits-meanflow and text-mdm stand-ins under root."""
+    for i, name in enumerate(KINDS):
+        write_model(name, root / name, seed + i)
 
 
 def model_block(name: str, suffix: str = "", **options) -> str:

@@ -163,6 +163,14 @@ def test_a_corrupt_cached_onnx_file_is_detected_and_rebuilt(zoo, pairs, tmp_path
     path.with_suffix(".json").unlink()
     assert load_model(entry).backend.startswith("onnxruntime")
     onnx.checker.check_model(str(path))
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    path.write_bytes(b"garbage whose hash the manifest records")  # passes the hash check, fails to parse
+    path.with_suffix(".json").write_text(json.dumps({**manifest, "onnx_sha256": file_sha256(path)}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffserve.backends"):
+        loaded = load_model(entry)
+    assert "onnxruntime cannot load" in caplog.text
+    assert (random_call("flow", loaded.model, 7) - want).abs().max() <= 1e-4
 
 
 def test_a_changed_checkpoint_is_exported_again(tmp_path):
@@ -308,3 +316,33 @@ def test_a_torch_compile_failure_is_unavailable_not_a_crash(zoo, monkeypatch):
         load_model(_entry(zoo, "digits-flow", backend="torch-compile"))
     fallback = load_model(_entry(zoo, "digits-flow", backend="torch-compile", fallback=["torch"]))
     assert fallback.backend == "torch (fallback: torch-compile unavailable)"
+
+
+def test_tensorrt_engine_cache_is_keyed_by_gpu_and_versions_and_rebuilds_stale_engines(zoo, tmp_path, monkeypatch):
+    """The cache logic of models/tensorrt_engine.py with the builder stubbed (the real build needs a GPU)."""
+    from models import tensorrt_engine as te
+
+    _, entries = zoo
+    entry = entries["text-mdm-ort"]
+    _, manifest = ensure_onnx(entry)
+    builds = []
+    monkeypatch.setattr(te, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(te, "build_engine", lambda *args: builds.append(1) or b"plan %d" % len(builds))
+    monkeypatch.setattr(te, "gpu_model", lambda index=0: "FakeGPU sm90")
+    shapes = te.profile_shapes(manifest, 32)
+    assert shapes == {"input_ids": ((1, 1), (16, 24), (32, 24))}  # batch 1..max, length 1..max_length
+
+    def engine():
+        return te.engine_for(entry, None, manifest, fp16=False, max_batch=32, cache_dir=tmp_path)
+    first, built = engine()
+    assert built and engine() == (first, False) and len(builds) == 1  # reused while nothing changed
+    real = te.library_versions
+    monkeypatch.setattr(te, "library_versions", lambda: {**real(), "tensorrt": "99.0"})
+    upgraded, built = engine()
+    assert built and upgraded != first and not first.exists()  # a library upgrade: rebuilt, stale one removed
+    monkeypatch.setattr(te, "gpu_model", lambda index=0: "OtherGPU sm80")
+    moved, built = engine()
+    assert built and moved != upgraded and [p.name for p in tmp_path.glob("*.plan")] == [moved.name]
+    moved.write_bytes(b"corrupt")  # a plan that no longer matches its record is rebuilt
+    assert engine() == (moved, True) and moved.read_bytes() == b"plan 4"
+    assert te.engine_for(entry, None, manifest, fp16=True, max_batch=32, cache_dir=tmp_path)[1]  # fp16: own engine
