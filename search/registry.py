@@ -25,6 +25,7 @@ from .budget import Budget, CountedModel
 from .core import SearchHook, SearchResult, Streams, Tracker
 from .evosearch import evosearch
 from .fkc import TARGETS, fkc
+from .masked import best_of_n_masked
 from .options import SearchOption, check_options
 from .rbf import rollover_budget_forcing
 
@@ -56,6 +57,13 @@ SEARCHES: dict[str, SearchSpec] = {
          "grid": _GRID,
          "n": SearchOption(int, 0, 0, 100_000, help="candidates; 0 = as many as the budget allows"),
          "batch": SearchOption(int, 64, 1, 4096, help="candidates per search evaluated together")}),
+    "best_of_n_masked": SearchSpec(
+        "best_of_n_masked", best_of_n_masked, ("masked",), True,
+        "Best-of-N for masked text models: N sampled sequences, keep the text verifier's best.",
+        {"sampler": SearchOption(str, "first_hitting", choices=("first_hitting", "mdlm"), help="masked sampler"),
+         "length": SearchOption(int, 0, 0, 100_000, help="tokens to generate; 0 = the model's length"),
+         "n": SearchOption(int, 0, 0, 100_000, help="sequences; 0 = as many as the budget allows"),
+         "batch": SearchOption(int, 64, 1, 4096, help="sequences per search sampled together")}),
     "evosearch": SearchSpec(
         "evosearch", evosearch, ("diffusion", "flow"), True,
         "Evolution over initial noise and intermediate SDE states; best reward per NFE at large budgets, "
@@ -155,5 +163,6 @@ def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seed
         opts["sampler"] = "dpmpp_2m_sde" if kind == "flow" else "ddpm"
     budget = Budget(budget_nfe, len(seeds))
     counted = CountedModel(model, budget, None if guidance is None else float(guidance))
-    tracker = Tracker(method, budget, hook, model.shape, keep_trace=trace)
+    shape = getattr(model, "shape", None) or (opts.get("length") or model.length,)
+    tracker = Tracker(method, budget, hook, shape, keep_trace=trace)
     return spec.fn(counted, verifier, steps=steps, cond=cond, streams=Streams(seeds), tracker=tracker, **opts)

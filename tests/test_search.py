@@ -207,3 +207,29 @@ def test_reward_searches_concentrate_more_mass_on_the_rewarded_component_than_be
         region, core = masses(method, options)
         assert region > bon_region, method
         assert core > bon_core + 0.15, method
+
+
+class TinyMaskedModel:
+    """A time-agnostic masked model over 5 tokens + mask: fixed position-dependent logits."""
+
+    mask_id, vocab_size, length, forbidden = 5, 6, 8, (5,)
+
+    def logits(self, tokens, cond=None):
+        gen = torch.Generator().manual_seed(0)
+        table = torch.randn(self.length, self.vocab_size, generator=gen)
+        return table[: tokens.shape[1]].expand(tokens.shape[0], -1, -1).clone()
+
+
+def test_best_of_n_masked_with_the_text_verifier():
+    model = TinyMaskedModel()
+    vocab = {" ab": [2, 3], " c": [4]}
+    words = WordPresence.from_words(["ab", "c"], vocab.__getitem__)
+    tokenizer = type("Tokenizer", (), {"encode": staticmethod(vocab.__getitem__)})
+    verifier = build_verifier("text-words", {"words": ["ab", "c"]}, {"model": tokenizer})
+    assert verifier == words
+    one = run_search("best_of_n_masked", model, verifier=verifier, budget_nfe=8, seeds=[0, 1, 2], kind="masked")
+    many = run_search("best_of_n_masked", model, verifier=verifier, budget_nfe=8 * 16, seeds=[0, 1, 2], kind="masked")
+    assert one.nfe == 8 and many.nfe == 8 * 16 and many.verifier_calls == 16  # first_hitting: L NFE each
+    assert many.samples.shape == (3, 8) and many.samples.dtype == torch.int64
+    assert (many.rewards >= one.rewards).all() and many.rewards.mean() > one.rewards.mean()
+    torch.testing.assert_close(many.rewards, verifier(many.samples))
