@@ -169,6 +169,24 @@ def test_poison_task_is_retried_then_dead_lettered_and_other_jobs_finish(api, co
     assert store.stats()["dead_letters"] == 1
 
 
+def test_a_task_whose_workers_keep_dying_is_dead_lettered(redis_url):
+    from server.queue.keys import GROUP
+
+    config = settings(redis_url, queue_max_attempts=2, queue_visibility_timeout=0.3)
+    with jobs_server(models(), config) as (stub, store, _):
+        job = submit(stub, model="gmm", num_samples=4)
+        stream = store.keys.stream("normal")
+        # two consumers take the task and vanish without acknowledging it (as a worker killed by it would)
+        assert store.redis.xreadgroup(GROUP, "ghost-1", {stream: ">"}, count=1)
+        time.sleep(0.4)
+        assert store.redis.xautoclaim(stream, GROUP, "ghost-2", 300, "0-0", count=1)[1]
+        time.sleep(0.4)
+        with worker_threads(models, config):
+            failed = wait_done(stub, job.id)
+    assert failed.state == jpb.JOB_STATE_FAILED and failed.samples_done == 0
+    assert "failed 2 times" in failed.error and "stopped responding" in failed.error
+
+
 def test_results_expire_with_their_job(redis_url):
     config = settings(redis_url, queue_result_ttl=1.0)
     with jobs_server(models(), config) as (stub, store, _), worker_threads(models, config):

@@ -28,6 +28,9 @@ local function finish(state, err)
   local ttl = tonumber(redis.call('HGET', job, 'ttl'))
   local seq = redis.call('HGET', job, 'seq')
   redis.call('HSET', job, 'state', state, 'finished', now, 'error', err, 'expires', now + ttl)
+  if state ~= 'cancelled' and redis.call('HGET', job, 'started') == '0' then  -- ended before the keeper marked it
+    redis.call('HSET', job, 'started', now)
+  end
   redis.call('ZREM', P .. ':jobs:' .. old, id)
   redis.call('ZADD', P .. ':jobs:' .. state, seq, id)
   redis.call('ZADD', P .. ':expiries', now + ttl, id)
@@ -66,19 +69,17 @@ if idem ~= '' then redis.call('SET', P .. ':idem:' .. idem, id) end
 return id
 """
 
-# ARGV: prefix, id, task.  A worker is about to run the task: count the attempt, mark the job running.
+# ARGV: prefix, id, task, '1' to return the job's spec too.  Read-only (no fsync on the way to compute):
+# a worker asks whether to run the task.  Returns {action, failed attempts so far, last error or the job's
+# state, spec or ''}; the worker adds the entry's deliveries (a worker that died counts as an attempt).
 START = _PREAMBLE + """
 local state = redis.call('HGET', job, 'state')
-if not state then return {'gone', 0, ''} end
-if TERMINAL[state] then return {'skip', 0, state} end
-local attempts = redis.call('HINCRBY', job .. ':attempts', ARGV[3], 1)
-if state == 'queued' then
-  redis.call('HSET', job, 'state', 'running', 'started', now_ms())
-  local seq = redis.call('HGET', job, 'seq')
-  redis.call('ZREM', P .. ':jobs:queued', id)
-  redis.call('ZADD', P .. ':jobs:running', seq, id)
-end
-return {'run', attempts, redis.call('HGET', job .. ':attempts', 'error:' .. ARGV[3]) or ''}
+if not state then return {'gone', 0, '', ''} end
+if TERMINAL[state] then return {'skip', 0, state, ''} end
+local failed = tonumber(redis.call('HGET', job .. ':attempts', ARGV[3]) or '0')
+local spec = ''
+if ARGV[4] == '1' then spec = redis.call('HGET', job, 'spec') end
+return {'run', failed, redis.call('HGET', job .. ':attempts', 'error:' .. ARGV[3]) or '', spec}
 """
 
 # ARGV: prefix, id, task, payload, samples in the task, stream, group, entry id.
@@ -100,18 +101,20 @@ return stored
 """
 
 # ARGV: prefix, id, task, error, stream, group, entry id, counted ('1': a failed attempt; '0': handed back
-# by a stopping worker).  Queue the task again at the end of its stream and acknowledge the old entry.
+# by a stopping worker), earlier deliveries of this entry that did not finish (workers that died).
+# Queue the task again at the end of its stream (a new entry) and acknowledge the old one.
 RETRY = _PREAMBLE + """
 local state = redis.call('HGET', job, 'state')
 if state and not TERMINAL[state] then
   redis.call('XADD', ARGV[5], '*', 'job', id, 'task', ARGV[3], 'enqueued', now_us_string())
   redis.call('HDEL', job .. ':progress', ARGV[3])
+  local failed = tonumber(ARGV[9])
   if ARGV[8] == '1' then
+    failed = failed + 1
     redis.call('HSET', job .. ':attempts', 'error:' .. ARGV[3], ARGV[4])
     redis.call('HINCRBY', job, 'retries', 1)
-  else
-    redis.call('HINCRBY', job .. ':attempts', ARGV[3], -1)
   end
+  if failed > 0 then redis.call('HINCRBY', job .. ':attempts', ARGV[3], failed) end
 end
 redis.call('XACK', ARGV[5], ARGV[6], ARGV[7])
 return 1
@@ -133,9 +136,19 @@ finish('cancelled', 'cancelled by a client')
 return 1
 """
 
-# ARGV: prefix, id, task, "step steps samples".  Running jobs only, so no key outlives its job's TTL.
+# ARGV: prefix, id, task, "step steps samples", unix ms when the task started.  Marks a queued job running
+# (off the task's critical path: the keeper sends it within 0.25 s of the start); unfinished jobs only, so no
+# key outlives its job's TTL.
 PROGRESS = _PREAMBLE + """
-if redis.call('HGET', job, 'state') == 'running' then
+local state = redis.call('HGET', job, 'state')
+if state == 'queued' then
+  redis.call('HSET', job, 'state', 'running', 'started', ARGV[5])
+  local seq = redis.call('HGET', job, 'seq')
+  redis.call('ZREM', P .. ':jobs:queued', id)
+  redis.call('ZADD', P .. ':jobs:running', seq, id)
+  state = 'running'
+end
+if state == 'running' then
   redis.call('HSET', job .. ':progress', ARGV[3], ARGV[4])
 end
 return 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 
@@ -27,14 +27,16 @@ class TaskEntry:
     entry_id: str
     job_id: str
     task: int
-    enqueued: float  # unix seconds on Redis' clock
+    enqueued: float      # unix seconds on Redis' clock
+    deliveries: int = 1  # times the group delivered this entry (more than 1: reclaimed from a dead worker)
 
 
 @dataclass(frozen=True)
 class Start:
     action: str      # "run", "skip" (job finished or cancelled) or "gone" (job expired)
-    attempts: int    # starts of this task so far, this one included
+    failed: int      # attempts that failed with an error and were queued again (deaths not included)
     detail: str      # run: the previous attempt's error; skip: the job's state
+    spec: JobSpec | None = None  # when asked for
 
 
 class TaskQueue:
@@ -83,7 +85,16 @@ class TaskQueue:
 
     def own_pending(self, consumer: str, count: int = 1000) -> list[TaskEntry]:
         """Entries delivered to this consumer name and never acknowledged (a restart under the same name)."""
-        return self._parse(self.redis.xreadgroup(GROUP, consumer, {s: "0" for s in self.keys.streams}, count=count))
+        reply = self.redis.xreadgroup(GROUP, consumer, {s: "0" for s in self.keys.streams}, count=count)
+        return self._with_deliveries(self._parse(reply))
+
+    def _with_deliveries(self, entries: list[TaskEntry]) -> list[TaskEntry]:
+        """The group's delivery count of each entry (XPENDING; a read)."""
+        out = []
+        for e in entries:
+            info = self.redis.xpending_range(e.stream, GROUP, e.entry_id, e.entry_id, 1)
+            out.append(replace(e, deliveries=int(info[0]["times_delivered"])) if info else e)
+        return out
 
     def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[TaskEntry]:
         """XAUTOCLAIM: take over entries idle for min_idle_ms (their worker stopped heartbeating)."""
@@ -98,7 +109,7 @@ class TaskQueue:
                     break
             if len(claimed) >= count:
                 break
-        return claimed
+        return self._with_deliveries(claimed)
 
     def touch(self, consumer: str, entries: list[TaskEntry]) -> None:
         """Heartbeat of running entries: reset their idle time (JUSTID: without counting a delivery)."""
@@ -109,15 +120,18 @@ class TaskQueue:
             self.redis.xclaim(stream, GROUP, consumer, 0, ids, justid=True)
 
     # outcomes (one script each)
-    def start(self, e: TaskEntry) -> Start:
-        action, attempts, detail = self._run("start", e.job_id, e.task)
-        return Start(_text(action), int(attempts), _text(detail))
+    def start(self, e: TaskEntry, with_spec: bool) -> Start:
+        action, failed, detail, spec = self._run("start", e.job_id, e.task, "1" if with_spec else "0")
+        return Start(_text(action), int(failed), _text(detail), JobSpec.from_json(spec) if spec else None)
 
     def store(self, e: TaskEntry, payload: bytes, samples: int) -> bool:
         return bool(self._run("store", e.job_id, e.task, payload, samples, e.stream, GROUP, e.entry_id))
 
     def retry(self, e: TaskEntry, error: str, counted: bool = True) -> None:
-        self._run("retry", e.job_id, e.task, error, e.stream, GROUP, e.entry_id, "1" if counted else "0")
+        """Queue the task again: a failed attempt (counted), or handed back by a stopping worker; deliveries
+        of this entry before the current one were workers that died, and count as failed attempts."""
+        self._run("retry", e.job_id, e.task, error, e.stream, GROUP, e.entry_id, "1" if counted else "0",
+                  e.deliveries - 1)
 
     def dead_letter(self, e: TaskEntry, error: str, attempts: int, worker: str, message: str) -> None:
         self._run("dead_letter", e.job_id, e.task, error, e.stream, GROUP, e.entry_id, attempts, worker, message)
@@ -125,17 +139,15 @@ class TaskQueue:
     def ack(self, e: TaskEntry) -> None:
         self.redis.xack(e.stream, GROUP, e.entry_id)
 
-    def progress(self, updates: dict[TaskEntry, str]) -> None:
+    def progress(self, updates: dict[TaskEntry, tuple[str, int]]) -> None:
+        """Per task: ("step steps samples", unix ms it started); the first one marks a queued job running."""
         pipe = self.redis.pipeline(transaction=False)
-        for e, value in updates.items():
-            self.scripts["progress"](keys=[], args=[self.keys.prefix, e.job_id, e.task, value], client=pipe)
+        for e, (value, started_ms) in updates.items():
+            self.scripts["progress"](keys=[], args=[self.keys.prefix, e.job_id, e.task, value, started_ms],
+                                     client=pipe)
         pipe.execute()
 
     # jobs and workers
-    def spec(self, job_id: str) -> JobSpec | None:
-        text = self.redis.hget(self.keys.job(job_id), "spec")
-        return None if text is None else JobSpec.from_json(text)
-
     def states(self, job_ids: list[str]) -> dict[str, str | None]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:

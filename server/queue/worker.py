@@ -42,6 +42,7 @@ class Held:
     cancel: threading.Event = field(default_factory=threading.Event)
     reason: str = ""            # why cancel is set: "ended" (job cancelled or failed) or "shutdown"
     progress: str | None = None  # "step steps samples", pushed to Redis by the keeper
+    started_ms: int = 0
     dirty: bool = False
 
 
@@ -177,19 +178,14 @@ class Worker:
         finally:
             self._release(e)
 
-    def _spec(self, job_id: str) -> codec.JobSpec | None:
-        spec = self._specs.get(job_id)
-        if spec is None:
-            spec = self._redis(lambda: self.queue.spec(job_id), "reading a job")
-            if spec is not None:
-                if len(self._specs) >= 256:
-                    self._specs.pop(next(iter(self._specs)))
-                self._specs[job_id] = spec
-        return spec
-
     def _attempt(self, e: TaskEntry, held: Held) -> None:
-        start = self._redis(lambda: self.queue.start(e), "starting a task")
-        spec = self._spec(e.job_id) if start.action == "run" else None
+        cached = self._specs.get(e.job_id)
+        start = self._redis(lambda: self.queue.start(e, with_spec=cached is None), "starting a task")
+        spec = None if start.action != "run" else cached or start.spec
+        if start.spec is not None:  # a small cache: the tasks of a job come together
+            if len(self._specs) >= 256:
+                self._specs.pop(next(iter(self._specs)))
+            self._specs[e.job_id] = start.spec
         if spec is None:  # cancelled, failed or expired job: nothing to compute
             self._redis(lambda: self.queue.ack(e), "dropping a task")
             qm.TASKS_DROPPED.inc()
@@ -197,12 +193,14 @@ class Worker:
         if self._stopping.is_set():
             self._redis(lambda: self.queue.retry(e, "", counted=False), "handing a task back")
             return
-        if start.attempts > self.max_attempts:  # its previous workers died (or it kept failing)
-            self._dead_letter(e, spec, start.detail or DIED, start.attempts - 1)
+        attempt = start.failed + e.deliveries  # failed attempts, deaths of earlier workers, and this one
+        if attempt > self.max_attempts:  # its previous workers died (or it kept failing)
+            self._dead_letter(e, spec, start.detail or DIED, attempt - 1)
             return
         request = spec.task_request(e.task)
         began = time.time()
         qm.DISPATCH_SECONDS.observe(max(0.0, began - e.enqueued))
+        held.progress, held.started_ms, held.dirty = f"0 1 {request.n}", int(began * 1000), True
 
         def on_step(info):
             held.progress, held.dirty = f"{info.step + 1} {info.steps} {request.n}", True
@@ -220,10 +218,10 @@ class Worker:
             self._redis(lambda: self.queue.retry(e, "", counted=False), "handing a task back")
             return
         except Exception as err:  # noqa: BLE001 - every failure is recorded on the task
-            self._failed(e, spec, err, start.attempts)
+            self._failed(e, spec, err, attempt)
             return
         computed = time.time()
-        payload = codec.task_result(self.pb, self.jobs_pb, out, spec.format, self.name, start.attempts)
+        payload = codec.task_result(self.pb, self.jobs_pb, out, spec.format, self.name, attempt)
         self._redis(lambda: self.queue.store(e, payload, request.n), "storing a result")
         qm.STORE_SECONDS.observe(time.time() - computed)
         qm.TASK_SECONDS.labels(spec.model).observe(out.compute_seconds)
@@ -258,7 +256,7 @@ class Worker:
             try:
                 with self._lock:
                     held = list(self._held.values())
-                updates = {h.entry: h.progress for h in held if h.dirty and h.progress}
+                updates = {h.entry: (h.progress, h.started_ms) for h in held if h.dirty and h.progress}
                 for h in held:
                     h.dirty = False
                 if updates:
