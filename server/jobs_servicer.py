@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+from models.config import ConfigError
 from samplers.errors import InvalidRequest
 from samplers.registry import get_spec, validate
 
@@ -54,6 +55,9 @@ def validate_job(entry, served, req, fmt: int, pb, config) -> None:
 
 
 def make_jobs_servicer(engine, store: JobStore | None, config, why_unavailable: str = ""):
+    if not 1 <= config.queue_task_size <= config.max_samples:
+        raise ConfigError(f"server.queue_task_size: {config.queue_task_size} is outside [1, max_samples = "
+                          f"{config.max_samples}] (workers run each task as one request)")
     pb, jpb, jgrpc = (protogen.module(m) for m in ("diffserve_pb2", "jobs_pb2", "jobs_pb2_grpc"))
     states = {name: jpb.JobState.Value(f"JOB_STATE_{name.upper()}") for name in STATES}
     priorities = {jpb.JobPriority.Value(f"JOB_PRIORITY_{name.upper()}"): name for name in PRIORITIES}

@@ -11,11 +11,13 @@ import pytest
 import redis
 from prometheus_client import REGISTRY, generate_latest
 
+from models.config import ConfigError
 from server import metrics
 from server import queue_metrics as qm
 from server.cli import main as cli_main
 from server.client import tensor_to_array
 from server.generation import GenerateRequest, generate
+from server.jobs_servicer import make_jobs_servicer
 from server.queue.local import HOW_TO_GET, LocalRedis
 from tests.queue_fixtures import (
     jobs_server,
@@ -289,6 +291,44 @@ def test_without_redis_queue_rpcs_say_how_to_get_it():
     finally:
         channel.close()
         server.stop(grace=1.0)
+
+
+def test_serve_starts_a_local_redis_with_aof_and_a_worker(tmp_path, monkeypatch):
+    """What `diffserve serve` (make serve) sets up without a Redis URL, and without a redis-server binary."""
+    from dataclasses import replace
+
+    from server.engine import Engine
+    from server.queue.local import free_port
+    from server.queue.runtime import QueueRuntime
+
+    config = replace(settings("unused"), redis_url=None)
+    runtime = QueueRuntime(config, run_dir=tmp_path / "run", port=free_port())
+    engine = Engine(models(), config)
+    try:
+        engine.warm_up()
+        assert runtime.local is not None and runtime.local.data_dir == (tmp_path / "run" / "redis").resolve()
+        assert runtime.store.redis.config_get("appendonly")["appendonly"] == "yes"
+        runtime.start_worker(engine)
+        assert runtime.worker is not None
+        job_id, _ = runtime.store.submit(_spec(), config.queue_result_ttl)
+        wait_for(lambda: runtime.store.record(job_id)["state"] == "succeeded", 20, "the local worker")
+    finally:
+        runtime.stop_worker(2.0)
+        runtime.close()
+        engine.close()
+    assert runtime.local.process.poll() is not None  # the local Redis stops with the server
+    assert list((tmp_path / "run" / "redis" / "appendonlydir").iterdir())
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server to be found
+    bare = QueueRuntime(config, run_dir=tmp_path / "run2")
+    assert bare.store is None and "apt-get install redis-server" in bare.why_unavailable
+    with pytest.raises(ConfigError, match="queue_task_size"):
+        make_jobs_servicer(None, None, replace(config, queue_task_size=1000))  # above max_samples
+
+
+def _spec():
+    from server.queue.codec import JobSpec
+
+    return JobSpec("gmm", GenerateRequest("dpmpp_2m", 3, n=10, seed=0), pb.TENSOR, 8)
 
 
 def test_tls_and_acl_user_urls(tmp_path):

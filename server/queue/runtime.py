@@ -16,7 +16,7 @@ log = logging.getLogger("diffserve.queue")
 
 
 class QueueRuntime:
-    def __init__(self, config, run_dir: str | Path = "run"):
+    def __init__(self, config, run_dir: str | Path = "run", port: int | None = None):
         self.config, self.local, self.store, self.worker = config, None, None, None
         self.why_unavailable = ""
         url = config.redis_url
@@ -25,7 +25,8 @@ class QueueRuntime:
                 self.why_unavailable = HOW_TO_GET
                 log.warning("job queue disabled: %s", HOW_TO_GET)
                 return
-            self.local = LocalRedis(Path(run_dir) / "redis", port=6379 if _port_free(6379) else None).start()
+            port = port or (6379 if _port_free(6379) else None)
+            self.local = LocalRedis(Path(run_dir) / "redis", port=port).start()
             url = self.local.url
             log.info("started a local Redis for the job queue at %s (data in %s, AOF on); more workers: "
                      "diffserve worker --redis %s --config MODELS.toml", url, self.local.data_dir, url)
