@@ -56,6 +56,9 @@ class Worker:
                  heartbeat_interval: float | None = None):
         if concurrency < 1 or max_attempts < 1 or visibility_timeout <= 0:
             raise ValueError("concurrency and max_attempts must be at least 1, visibility_timeout positive")
+        if concurrency > engine.config.max_queue:
+            raise ValueError(f"worker concurrency {concurrency} is above the engine's max_queue "
+                             f"{engine.config.max_queue}")
         self.engine, self.url = engine, url
         self.queue = TaskQueue(client, prefix)
         self.name = name or default_name()
@@ -216,6 +219,7 @@ class Worker:
             return
         except (NotReady, QueueFull):  # this worker's engine is stopping or full: another worker takes it
             self._redis(lambda: self.queue.retry(e, "", counted=False), "handing a task back")
+            self._stopping.wait(1.0)  # not at once back to the same task (a model that failed its warm-up)
             return
         except Exception as err:  # noqa: BLE001 - every failure is recorded on the task
             self._failed(e, spec, err, attempt)
