@@ -14,10 +14,14 @@ mean log-probability and accuracy), fd (digits-FD of all returned samples agains
 digits; few samples, so compare rows with each other, not with the model card), diversity (mean pairwise
 L2 distance between the samples returned for one class, averaged over classes), seconds (wall time per
 search), plus nfe, network passes and verifier calls per search.  A PNG plots reward vs budget.
+A full run keeps each model's rows in bench/results/search_rows_<model>.json and reuses them while that
+model's weights and the configuration are unchanged (a model added to the zoo later costs only its rows).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -60,6 +64,14 @@ class Unconditional:
 # (row name, setting, search method, options)
 METHODS = (("best_of_n", "verifier", "best_of_n", {}), ("evosearch", "verifier", "evosearch", {}),
            ("rbf", "verifier", "rollover_budget_forcing", {}), ("fkc_cfg", "cfg", "fkc", {"beta": FKC_BETA}))
+
+
+def _cache_key(model_name: str, classes, seeds_per_class, multiples) -> str:
+    """Rows of a full run are reused while the weights and the configuration are unchanged."""
+    weights = sorted((ZOO / model_name / "unet").glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
+    return json.dumps([model_name, digest, STEPS, list(classes), seeds_per_class, list(multiples), FKC_BETA,
+                       [(m[0], m[2], m[3]) for m in METHODS]])
 
 
 def _diversity(samples: torch.Tensor, labels: torch.Tensor) -> float:
@@ -114,6 +126,13 @@ def main(quick: bool = False) -> dict:
         _print_row(row)
 
     for model_name, model in models.items():
+        cache = RESULTS / f"search_rows_{model_name}.json"
+        key = _cache_key(model_name, classes, seeds_per_class, multiples)
+        if not quick and cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+            for row in json.loads(cache.read_text())["rows"]:
+                add(row)
+            continue
+        first = len(rows)
         t0 = time.perf_counter()
         out, nfe = _plain_cfg(model, labels, seeds)
         add({"method": "cfg", "setting": "cfg", "model": model_name, "budget_nfe": nfe, "nfe": nfe,
@@ -133,6 +152,9 @@ def main(quick: bool = False) -> dict:
                      "nfe": result.nfe, "network_passes": result.network_passes,
                      "verifier_calls": result.verifier_calls, **_metrics(result.samples, labels, clf_a, clf_b),
                      "seconds": (time.perf_counter() - t0) / len(seeds)})
+        if not quick:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"key": key, "rows": rows[first:]}, indent=1) + "\n")
     _plot(rows, RESULTS / ("search_quick.png" if quick else "search.png"))
     return {"steps": STEPS, "classes": list(classes), "seeds_per_class": seeds_per_class, "rows": rows}
 
@@ -158,18 +180,21 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
+    panels = [("verifier", "reward_a", "verifier-steered: classifier A (guide)"),
+              ("verifier", "reward_b", "verifier-steered: classifier B (held out)"),
+              ("cfg", "reward_b", "FKC-CFG vs CFG 2: classifier B")]
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 3.8 * len(models)), squeeze=False)
     for i, model in enumerate(models):
-        for j, key in enumerate(("reward_a", "reward_b")):
+        for j, (setting, key, title) in enumerate(panels):
             ax = axes[i][j]
-            for method in sorted({r["method"] for r in rows if r["model"] == model}):
-                pts = sorted((r["budget_nfe"], r[key]) for r in rows if r["model"] == model and r["method"] == method)
-                style = "*" if len(pts) == 1 else "o-"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method)
+            mine = [r for r in rows if r["model"] == model and r["setting"] == setting]
+            for method in sorted({r["method"] for r in mine}):
+                pts = sorted((r["budget_nfe"], r[key]) for r in mine if r["method"] == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "*" if len(pts) == 1 else "o-", label=method)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("NFE budget per sample")
-            ax.set_ylabel(f"{key} (mean log p(c | x))")
-            ax.set_title(f"{model}: {'classifier A (guide)' if j == 0 else 'classifier B (held out)'}")
+            ax.set_ylabel(f"{key}: mean log p(c | x)")
+            ax.set_title(f"{model}: {title}", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
