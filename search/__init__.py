@@ -6,8 +6,9 @@ server validates requests against and lists.  No I/O here: verifiers are built f
 
 from .budget import Budget, CountedModel
 from .core import SearchProgress, SearchResult
-from .registry import SEARCHES, SearchSpec, run_search, validate_search
+from .registry import SEARCHES, SearchSpec, catalog, run_search, validate_search
 from .verifiers import VERIFIERS, Verifier, VerifierSpec, build_verifier, validate_verifier
 
 __all__ = ["SEARCHES", "VERIFIERS", "Budget", "CountedModel", "SearchProgress", "SearchResult", "SearchSpec",
-           "Verifier", "VerifierSpec", "build_verifier", "run_search", "validate_search", "validate_verifier"]
+           "Verifier", "VerifierSpec", "build_verifier", "catalog", "run_search", "validate_search",
+           "validate_verifier"]

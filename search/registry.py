@@ -166,3 +166,23 @@ def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seed
     shape = getattr(model, "shape", None) or (opts.get("length") or model.length,)
     tracker = Tracker(method, budget, hook, shape, keep_trace=trace)
     return spec.fn(counted, verifier, steps=steps, cond=cond, streams=Streams(seeds), tracker=tracker, **opts)
+
+
+def _describe_options(options: dict[str, SearchOption]) -> dict[str, dict]:
+    return {k: {"type": o.type.__name__ if o.type is not list else f"list[{o.item.__name__}]",
+                "default": list(o.default) if isinstance(o.default, tuple) else o.default,
+                "minimum": o.minimum, "maximum": o.maximum,
+                "choices": None if o.choices is None else list(o.choices), "help": o.help}
+            for k, o in options.items()}
+
+
+def catalog() -> dict[str, list[dict]]:
+    """JSON-able description of every search method and verifier (for ListSearches / `--help` output)."""
+    from .verifiers import VERIFIERS
+
+    return {"searches": [{"name": s.name, "kinds": list(s.kinds), "needs_verifier": s.needs_verifier,
+                          "when_to_use": s.when_to_use, "options": _describe_options(s.options)}
+                         for s in SEARCHES.values()],
+            "verifiers": [{"name": v.name, "kinds": list(v.kinds), "resources": list(v.resources),
+                           "needs_cond": v.needs_cond, "held_out": v.held_out, "when_to_use": v.when_to_use,
+                           "options": _describe_options(v.options)} for v in VERIFIERS.values()]}

@@ -233,3 +233,17 @@ def test_best_of_n_masked_with_the_text_verifier():
     assert many.samples.shape == (3, 8) and many.samples.dtype == torch.int64
     assert (many.rewards >= one.rewards).all() and many.rewards.mean() > one.rewards.mean()
     torch.testing.assert_close(many.rewards, verifier(many.samples))
+
+
+def test_catalog_is_json_and_lists_every_method_and_verifier():
+    import json
+
+    from search import catalog
+
+    c = json.loads(json.dumps(catalog()))
+    assert {s["name"] for s in c["searches"]} == set(SEARCHES)
+    assert {v["name"] for v in c["verifiers"]} == set(VERIFIERS)
+    evo = next(s for s in c["searches"] if s["name"] == "evosearch")
+    assert evo["options"]["mutation_rate"] == {"type": "float", "default": 0.3, "minimum": 0.0, "maximum": 1.0,
+                                               "choices": None, "help": evo["options"]["mutation_rate"]["help"]}
+    assert evo["options"]["evolution_steps"]["type"] == "list[int]"
