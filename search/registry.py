@@ -24,6 +24,7 @@ from .best_of_n import best_of_n
 from .budget import Budget, CountedModel
 from .core import SearchHook, SearchResult, Streams, Tracker
 from .evosearch import evosearch
+from .fk_steering import POTENTIALS, fk_steering
 from .fkc import TARGETS, fkc
 from .masked import best_of_n_masked
 from .options import SearchOption, check_options
@@ -111,6 +112,17 @@ SEARCHES: dict[str, SearchSpec] = {
          "reweight": SearchOption(bool, True, help="false = the same SDE without weights (baseline)"),
          "discretization": SearchOption(str, "auto", choices=("auto", "exponential", "euler_maruyama"),
                                         help="SDE step; auto = exponential (DDPM) for cfg, else Euler-Maruyama")}),
+    "fk_steering": SearchSpec(
+        "fk_steering", fk_steering, ("diffusion", "flow"), True,
+        "FK steering: particles resampled by reward potentials on their Tweedie estimates (the 'particle "
+        "sampling' baseline of EvoSearch). K verifier calls per resampling step.",
+        {"potential": SearchOption(str, "max", choices=POTENTIALS, help="potential (max: EvoSearch's baseline)"),
+         "lam": SearchOption(float, 10.0, 0.0, 1000.0, help="lambda: exp(lambda r) tilt"),
+         "interval": SearchOption(int, 2, 1, 1000, help="steps between resamplings"),
+         "start": SearchOption(int, 1, 0, 1000, help="first resampling step"),
+         "adaptive": SearchOption(bool, False, help="resample only when ESS < K / 2"),
+         "particles": SearchOption(int, 0, 0, 100_000, help="K; 0 = budget / T"),
+         "grid": _GRID}),
 }
 
 

@@ -15,7 +15,8 @@ MIXTURE = gmm_2d()
 FLOW = MIXTURE.denoiser(RectifiedFlow(), "velocity", conditional=True)
 VP = MIXTURE.denoiser(DiscreteVP.from_schedule(), "eps", conditional=True)
 COMPONENT = build_verifier("gmm-component", {"component": 3}, {"mixture": MIXTURE})
-METHODS = {"best_of_n": {}, "evosearch": {}, "rollover_budget_forcing": {}, "fkc": {"select": "verifier"}}
+METHODS = {"best_of_n": {}, "evosearch": {}, "rollover_budget_forcing": {}, "fkc": {"select": "verifier"},
+           "fk_steering": {}}
 
 
 class RowCounter:
@@ -187,7 +188,7 @@ def test_verifiers_compute_what_they_say():
 
 def test_reward_searches_concentrate_more_mass_on_the_rewarded_component_than_best_of_n():
     """Verifier = exact log-density of component 3 of the (unconditional) 2-D GMM, 16 x T NFE, T = 10:
-    EvoSearch and RBF put more of their returned samples in that component, and more of them within one
+    EvoSearch, RBF and FK steering put more of their returned samples in that component, and more of them within one
     component std of its mean, than best-of-N with the same NFE.  FKC is reward-free (its weights come
     from the scores), so it is checked against exact targets in test_search_exact.py instead."""
     model = MIXTURE.denoiser(RectifiedFlow(), "velocity", conditional=False)
@@ -203,7 +204,10 @@ def test_reward_searches_concentrate_more_mass_on_the_rewarded_component_than_be
         return (log_r.argmax(1) == 3).double().mean(), ((x - mu).norm(dim=1) < sd).double().mean()
 
     bon_region, bon_core = masses("best_of_n", {})
-    for method, options in [("evosearch", {}), ("rollover_budget_forcing", {"interpolant": "linear"})]:
+    # FK steering at lambda = 1: these rewards are log-densities spanning ~100 nats, where the code's
+    # lambda = 10 (tuned for ImageReward's unit scale) collapses the particles on the first estimate.
+    for method, options in [("evosearch", {}), ("rollover_budget_forcing", {"interpolant": "linear"}),
+                            ("fk_steering", {"lam": 1.0})]:
         region, core = masses(method, options)
         assert region > bon_region, method
         assert core > bon_core + 0.15, method
