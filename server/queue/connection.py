@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -93,7 +92,7 @@ def retry_forever(fn: Callable[[], T], stop: threading.Event, what: str, url: st
             if stop.wait(delay):
                 raise Stopped(what) from err
         except redis.ResponseError as err:
-            if "LOADING" in str(err) or "NOSCRIPT" in str(err):
-                time.sleep(0.1)
-                continue
-            raise
+            if "LOADING" not in str(err):
+                raise
+            if stop.wait(0.1):  # Redis is replaying its AOF after a restart
+                raise Stopped(what) from err
