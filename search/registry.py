@@ -32,6 +32,7 @@ from .rbf import rollover_budget_forcing
 
 MAX_BUDGET_NFE = 1_000_000
 MAX_SEARCHES = 256
+DEFAULT_STEPS = 10  # steps per trajectory when a request leaves them unset
 SDE_SAMPLERS = ("ddpm", "dpmpp_2m_sde", "euler_maruyama")
 ODE_SAMPLERS = tuple(sorted(n for n, s in REGISTRY.items() if not s.stochastic and "diffusion" in s.kinds))
 
@@ -148,15 +149,17 @@ def validate_search(method: str, budget_nfe: int, options: dict[str, Any] | None
     return spec, opts
 
 
-def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seeds: Sequence[int], steps: int = 10,
+def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seeds: Sequence[int],
+               steps: int | None = DEFAULT_STEPS,
                guidance: float | None = None, options: dict[str, Any] | None = None,
                hook: SearchHook | None = None, kind: str | None = None, trace: bool = True) -> SearchResult:
     """Run search `method` once per seed (batched), each with `budget_nfe` NFE, on `model` (a Denoiser in
-    VE coordinates, guided at `guidance` with CFG counted as 1 NFE).  `cond`: class labels, one per seed
-    (or None).  The hook receives SearchProgress with the best-so-far of every search; it may raise
-    Cancelled / DeadlineExceeded to stop.  A model call that would exceed the budget raises
-    BudgetExceeded (a bug in a method, never a user error)."""
+    VE coordinates, guided at `guidance` with CFG counted as 1 NFE), `steps` (None = 10) per trajectory.
+    `cond`: class labels, one per seed (or None).  The hook receives SearchProgress with the best-so-far
+    of every search; it may raise Cancelled / DeadlineExceeded to stop.  A model call that would exceed
+    the budget raises BudgetExceeded (a bug in a method, never a user error)."""
     kind = kind or getattr(model, "kind", None)
+    steps = DEFAULT_STEPS if steps is None else steps
     spec, opts = validate_search(method, budget_nfe, options, kind, steps)
     seeds = [int(s) for s in seeds]
     if not 1 <= len(seeds) <= MAX_SEARCHES:
