@@ -27,6 +27,7 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None       # mTLS: require client certificates signed by this CA
     device: str = "cpu"
+    torch_threads: int | None = 1          # intra-op threads; >1 thrashes when the cores are shared (docs/serving.md)
     # job queue (docs/queue.md)
     redis_url: str | None = None           # None: `serve` starts a local redis-server under run/redis
     queue_prefix: str = "diffserve"        # Redis key prefix, so several deployments can share one Redis

@@ -17,7 +17,7 @@ STATE_NAMES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def cmd_worker(args) -> int:
-    from ..app import load_models, load_resources
+    from ..app import apply_torch_threads, load_models, load_resources
     from ..config import load_server_config
     from ..engine import Engine
     from ..metrics import serve_metrics
@@ -31,6 +31,7 @@ def cmd_worker(args) -> int:
         raise InvalidRequest("--redis: give the queue's Redis URL (or set DIFFSERVE_REDIS_URL, or redis_url in the "
                              "config's [server] table)")
     client = connect(config.redis_url, fail_fast=False, name="diffserve-worker")
+    apply_torch_threads(config)
     engine = Engine(load_models(args.config, config.device), config, load_resources(args.config, config.device))
     engine.warm_up()
     if args.metrics_port is not None:
