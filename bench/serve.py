@@ -7,7 +7,6 @@ separate process (`diffserve serve`) on loopback, so client and server do not sh
 
 from __future__ import annotations
 
-import os
 import socket
 import statistics
 import subprocess
@@ -162,7 +161,7 @@ def forward_limit(loaded, batches):
 
 
 def main(quick: bool = False) -> dict:
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)  # as the server does (ServerConfig.torch_threads): no OpenMP thrashing
     loaded = load_model(load_config()[MODEL])
     n = 32 if quick else 128
     concurrencies = (1, 8) if quick else CONCURRENCY
