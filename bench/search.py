@@ -15,7 +15,8 @@ digits; few samples, so compare rows with each other, not with the model card), 
 L2 distance between the samples returned for one class, averaged over classes), seconds (wall time per
 search), plus nfe, network passes and verifier calls per search.  A PNG plots reward vs budget.
 A full run keeps each model's rows in bench/results/search_rows_<model>.json and reuses them while that
-model's weights and the configuration are unchanged (a model added to the zoo later costs only its rows).
+model's weights, the search/ code and this file are unchanged (a model added to the zoo later costs only
+its rows).
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ METHODS = (("best_of_n", "verifier", "best_of_n", {}), ("evosearch", "verifier",
 
 
 def _cache_key(model_name: str, classes, seeds_per_class, multiples) -> str:
-    """Rows of a full run are reused while the weights and the configuration are unchanged."""
+    """Rows of a full run are reused while the weights, the search code and the configuration are unchanged."""
     weights = sorted((ZOO / model_name / "unet").glob("*.safetensors"))
-    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
+    code = sorted((Path(__file__).resolve().parents[1] / "search").glob("*.py")) + [Path(__file__).resolve()]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in weights + code)).hexdigest()[:16]
     return json.dumps([model_name, digest, STEPS, list(classes), seeds_per_class, list(multiples), FKC_BETA,
                        [(m[0], m[2], m[3]) for m in METHODS]])
 
