@@ -57,8 +57,8 @@ def tensor(pb, array: np.ndarray):
     return pb.Tensor(dtype=str(array.dtype), shape=list(array.shape), data=little_endian.tobytes())
 
 
-def to_response(pb, name: str, out, fmt: int):
-    result = out.result
+def sample_protos(pb, result, fmt: int) -> list:
+    """A GenerateResult's samples as Sample protos (text / tokens, raw tensor or PNG; rewards of searches)."""
     samples = []
     if result.texts is not None:
         for seed, row, text in zip(result.seeds, result.samples, result.texts):
@@ -68,23 +68,28 @@ def to_response(pb, name: str, out, fmt: int):
             else:
                 sample.text = text
             samples.append(sample)
-        grid = b""
-    else:
-        if fmt == pb.TEXT:
-            raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
-        for k, (seed, x) in enumerate(zip(result.seeds, result.samples)):
-            sample = pb.Sample(seed=seed)
-            if result.rewards is not None and math.isfinite(result.rewards[k]):
-                sample.reward = result.rewards[k]
-            if fmt == pb.TENSOR:
-                sample.tensor.CopyFrom(tensor(pb, x.float().numpy()))
-            else:
-                sample.png = grid_png(x[None], scale=4, pad=0)
-            samples.append(sample)
-        grid = grid_png(result.samples) if fmt != pb.TENSOR else b""
-    return pb.GenerateResponse(model=name, sampler=out.sampler, samples=samples, nfe=out.result.nfe,
-                               timings=pb.Timings(queue_seconds=out.queue_seconds,
-                                                  compute_seconds=out.compute_seconds), grid_png=grid)
+        return samples
+    if fmt == pb.TEXT:
+        raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
+    for k, (seed, x) in enumerate(zip(result.seeds, result.samples)):
+        sample = pb.Sample(seed=seed)
+        if result.rewards is not None and math.isfinite(result.rewards[k]):
+            sample.reward = result.rewards[k]
+        if fmt == pb.TENSOR:
+            sample.tensor.CopyFrom(tensor(pb, x.float().numpy()))
+        else:
+            sample.png = grid_png(x[None], scale=4, pad=0)
+        samples.append(sample)
+    return samples
+
+
+def to_response(pb, name: str, out, fmt: int):
+    result = out.result
+    images = result.texts is None and fmt != pb.TENSOR
+    return pb.GenerateResponse(model=name, sampler=out.sampler, samples=sample_protos(pb, result, fmt),
+                               nfe=result.nfe, timings=pb.Timings(queue_seconds=out.queue_seconds,
+                                                                  compute_seconds=out.compute_seconds),
+                               grid_png=grid_png(result.samples) if images else b"")
 
 
 def model_info(pb, entry, served):

@@ -10,11 +10,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
-
-from ..convert import tensor
+from ..convert import sample_protos
 from ..generation import GenerateRequest
-from ..images import grid_png
 
 
 @dataclass(frozen=True)
@@ -61,24 +58,7 @@ class JobSpec:
 
 def samples(pb, result, fmt: int) -> list:
     """A GenerateResult's samples as Sample protos, exactly as Generate returns them."""
-    out = []
-    if result.texts is not None:
-        for seed, row, text in zip(result.seeds, result.samples, result.texts):
-            sample = pb.Sample(seed=seed, tokens=[int(t) for t in row])
-            if fmt == pb.TENSOR:
-                sample.tensor.CopyFrom(tensor(pb, row.numpy().astype(np.int64)))
-            else:
-                sample.text = text
-            out.append(sample)
-        return out
-    for seed, x in zip(result.seeds, result.samples):
-        sample = pb.Sample(seed=seed)
-        if fmt == pb.TENSOR:
-            sample.tensor.CopyFrom(tensor(pb, x.float().numpy()))
-        else:
-            sample.png = grid_png(x[None], scale=4, pad=0)
-        out.append(sample)
-    return out
+    return sample_protos(pb, result, fmt)
 
 
 def task_result(pb, jobs_pb, out, fmt: int, worker: str, attempt: int) -> bytes:
