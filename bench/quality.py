@@ -2,7 +2,7 @@
 classifier-B accuracy of class-conditional samples, for every applicable sampler and for diffusers' own
 schedulers on the same weights, seeds and labels; the real-data floor is train-split vs held-out FD.
 
-Class-balanced labels, no guidance (on these digits guidance raises FD), 200 samples per cell (100 with
+Class-balanced labels, no guidance (on these digits guidance raises FD), 100 samples per cell (50 with
 --quick): FD from few samples is biased upwards, so compare cells with each other, not with papers.
 """
 
@@ -88,7 +88,7 @@ def main(quick: bool = False) -> dict:
     )
 
     torch.set_num_threads(2)
-    n = 100 if quick else 200
+    n = 50 if quick else 100
     nfes = (2, 10) if quick else NFES
     config = load_config()
     results, accuracy = {}, {}
