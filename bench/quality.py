@@ -52,10 +52,10 @@ def _diffusers(loaded, scheduler_cls, nfe, n, guidance):
     scheduler.set_timesteps(nfe)
     labels = balanced_labels(n)
     noise = SampleNoise(range(SEED, SEED + n))
-    x = noise.randn(loaded.model.shape) * scheduler.init_noise_sigma
+    x = noise.randn(loaded.model.shape) * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers: 1
     null = torch.full_like(labels, -1)  # NULL_LABEL
     for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         scale = 1.0 if loaded.kind == "diffusion" else 1 / 1000  # our flow net takes t in [0, 1]
         tt = torch.full((n,), float(t) * scale, dtype=torch.float64)
         out = net(inp, tt, labels)
