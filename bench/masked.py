@@ -70,11 +70,21 @@ def run_rows(lm, evaluator, seeds, quick: bool, log=print) -> list[dict]:
                 cached_tokens[steps, precision] = x
         row.update(seconds_per_sample=round(sec, 4), cpu_seconds_per_sample=round(cpu, 4),
                    nfe=round(float(nfe.double().mean()), 2),
-                   gen_ppl=round(evaluator.perplexity(x_quality), 3),
-                   entropy=round(text_eval.sample_entropy(x_quality), 4), samples=len(x_quality))
+                   **quality(evaluator, x_quality))
         rows.append(row)
         log(_format_row(row))
     return rows
+
+
+def quality(evaluator, x: torch.Tensor) -> dict:
+    """gen-PPL and mean entropy, with Monte-Carlo standard errors over the samples."""
+    nll = torch.tensor([sum(evaluator.nll(row)) / (len(row) - 2) for row in x], dtype=torch.float64)
+    ent = torch.tensor([text_eval.sample_entropy(row[None]) for row in x], dtype=torch.float64)
+    def se(v):  # of the mean; for gen-PPL, of log PPL, i.e. PPL's relative error
+        return round(float(v.std() / len(v) ** 0.5), 4) if len(v) > 1 else None
+
+    return dict(gen_ppl=round(evaluator.perplexity(x), 3), gen_ppl_rel_se=se(nll),
+                entropy=round(float(ent.mean()), 4), entropy_se=se(ent), samples=len(x))
 
 
 def claims(rows: list[dict], length: int) -> dict:
@@ -150,9 +160,8 @@ def main(quick: bool = False) -> dict:
     evaluator = text_eval.KneserNeyTrigram(text_data.token_stream(lm.tokenizer, "train"), lm.vocab_size,
                                            exclude=lm.forbidden)
     held = text_data.heldout_chunks(lm.tokenizer, lm.length)
-    reference = {"gen_ppl": round(evaluator.perplexity(held), 3),
-                 "entropy": round(text_eval.sample_entropy(held), 4), "samples": len(held)}
-    seeds = list(range(2 if quick else 32))
+    reference = quality(evaluator, held)
+    seeds = list(range(2 if quick else 64))
     print(f"text-mdm, {len(seeds)} samples of {lm.length} tokens per row, batches of {BATCH}, "
           f"1 CPU thread; gen-PPL under a Kneser-Ney trigram fitted on the training split")
     print(f"{'sampler':<14}{'steps':>6}  {'dtype':<8} {'cached':<7}{'s/sample':>10}{'cpu s':>10}{'NFE':>9}"

@@ -223,7 +223,8 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
         n[rows] -= 1
         if hook is not None:
             x0_hat = x.clone()
-            x0_hat[rows] = _x0_hat(x[rows], logits, model.mask_id)
+            x0_hat[rows] = _x0_hat(x[rows], logits.index_fill(-1, torch.tensor(model.forbidden), -torch.inf),
+                                   model.mask_id)
             report(hook, i, steps, tau_before, float(tau[rows].mean()), x.clone(), x0_hat)
     return x, nfe
 

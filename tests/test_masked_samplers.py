@@ -163,6 +163,12 @@ def test_hook_sees_every_step_with_the_running_nfe():
     assert [s.step for s in seen] == [0, 1, 2, 3] and [s.nfe for s in seen] == [1, 2, 3, 4]
     assert all(((s.x != MASK).sum(1) == s.step + 1).all() for s in seen)
     assert (seen[-1].x0_hat == seen[-1].x).all() and seen[0].sigma == 1.0 and seen[-1].sigma_next < 1.0
+    assert all((s.x0_hat < REAL).all() for s in seen)  # previews never show a forbidden token
+    seen.clear()
+    run_masked_sampler("mdlm", model, torch.full((2, 4), MASK), steps=6, noise=SampleNoise([1, 2]),
+                       hook=seen.append)
+    assert [s.step for s in seen] == list(range(6)) and seen[-1].sigma_next == 0.0
+    assert all((s.x0_hat < REAL).all() for s in seen) and seen[-1].nfe <= 6  # batch calls: <= N
 
 
 def test_float32_race_cuts_off_a_long_tail_and_float64_does_not():
