@@ -50,12 +50,8 @@ def _rms(x, ref) -> float:
     return float((x - ref).pow(2).mean().sqrt())
 
 
-def error_table(gmm, process, prediction, n, nfes):
-    model = gmm.denoiser(process, prediction)
-    noise = SampleNoise(range(n), torch.float64)
-    labels = torch.arange(n) % gmm.num_classes
-    x = initial_noise(model, noise)
-    ref = gmm.exact_ode(x, model.sigma_max, 0.0, labels)
+def _sweep(model, x, labels, nfes, score) -> dict:
+    """score(samples) for every deterministic solver at every NFE it can hit exactly, from the same x."""
     table = {}
     for name in deterministic_solvers():
         table[name] = {}
@@ -63,9 +59,19 @@ def error_table(gmm, process, prediction, n, nfes):
             steps = steps_for(name, nfe)
             if steps is None:
                 continue
-            out, used = run_sampler(name, model, x, make_grid(process, steps, GRID), labels)
+            out, used = run_sampler(name, model, x, make_grid(model.process, steps, GRID), labels)
             assert used == nfe, (name, nfe, used)
-            table[name][nfe] = _rms(out, ref)
+            table[name][nfe] = score(out)
+    return table
+
+
+def error_table(gmm, process, prediction, n, nfes):
+    model = gmm.denoiser(process, prediction)
+    noise = SampleNoise(range(n), torch.float64)
+    labels = torch.arange(n) % gmm.num_classes
+    x = initial_noise(model, noise)
+    ref = gmm.exact_ode(x, model.sigma_max, 0.0, labels)
+    table = _sweep(model, x, labels, nfes, lambda out: _rms(out, ref))
     if isinstance(process, DiscreteVP):
         from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
         x_T = x * process.alpha(process.t_max)
@@ -82,17 +88,10 @@ def divergence_table(gmm, n, nfes, scale=8.0):
     noise = SampleNoise(range(1000, 1000 + n), torch.float64)
     labels = torch.arange(n) % gmm.num_classes
     x = initial_noise(model, noise)
-    table = {}
-    for name in deterministic_solvers():
-        table[name] = {}
-        for nfe in nfes:
-            steps = steps_for(name, nfe)
-            if steps is None:
-                continue
-            out, _ = run_sampler(name, model, x, make_grid(process, steps, GRID), labels)
-            norms = out.flatten(1).norm(dim=1)
-            table[name][nfe] = float(((norms > limit) | ~torch.isfinite(norms)).double().mean())
-    return table
+    def divergent_fraction(out):
+        norms = out.flatten(1).norm(dim=1)
+        return float(((norms > limit) | ~torch.isfinite(norms)).double().mean())
+    return _sweep(model, x, labels, nfes, divergent_fraction)
 
 
 def plot(errors, path: Path):
