@@ -141,13 +141,15 @@ def plot(rows, reference, path: Path) -> None:
             continue
         marker = "o" if r["precision"] == "float64" else "x"
         color = "tab:green" if r["sampler"] == "first_hitting" else "tab:blue"
-        ax2.scatter(r["entropy"], r["gen_ppl"], marker=marker, color=color)
+        ax2.errorbar(r["entropy"], r["gen_ppl"], xerr=r["entropy_se"],
+                     yerr=None if r["gen_ppl_rel_se"] is None else r["gen_ppl"] * r["gen_ppl_rel_se"],
+                     marker=marker, color=color, capsize=2, linestyle="none")
         ax2.annotate(f"{r['sampler'][:5]} {r['steps']} {r['precision'][-2:]}", (r["entropy"], r["gen_ppl"]),
                      fontsize=7)
-    ax2.scatter(reference["entropy"], reference["gen_ppl"], marker="*", s=150, color="black")
-    ax2.annotate("held-out text", (reference["entropy"], reference["gen_ppl"]), fontsize=8)
+    ax2.text(0.02, 0.02, f"held-out text: gen-PPL {reference['gen_ppl']:.1f}, entropy {reference['entropy']:.3f}",
+             transform=ax2.transAxes, fontsize=8)
     ax2.set_xlabel("mean per-sample token entropy (nats)")
-    ax2.set_ylabel("gen-PPL (KN trigram)")
+    ax2.set_ylabel("gen-PPL (KN trigram; bars: 1 standard error)")
     fig.suptitle("text-mdm: FHS vs MDLM ancestral, float64 (o) vs float32 (x)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
