@@ -92,7 +92,7 @@ def test_meanflow_tr_sampler_orders_t_and_r():
     from models.recipes.digits_meanflow import sample_tr
 
     torch.manual_seed(0)
-    for kind in ("v1", "v0", "jax"):
+    for kind in ("v1", "v0", "jax", "uniform"):
         t, r = sample_tr(4096, kind)
         assert bool((r <= t).all()) and bool((t <= 1).all()) and bool((r >= 0).all())
         eq = float((r == t).float().mean())
@@ -140,6 +140,29 @@ def test_flow_quick(tmp_path):
     assert s.config.shift == 1.0 and s.config.num_train_timesteps == 1000
 
 
+def test_meanflow_teacher_replaces_the_conditional_velocity(monkeypatch):
+    """With a teacher, the target at r = t is the teacher's velocity, so a student equal to the teacher has
+    zero loss there; with v = eps - x (no teacher) the same student does not."""
+    from models.meanflow_net import MeanFlowNet
+    from models.recipes import digits_meanflow
+
+    torch.manual_seed(0)
+    teacher = MeanFlowNet(t_embed_scale=1.0, h_embed_scale=1.0).eval()
+    student = MeanFlowNet(t_embed_scale=1.0, h_embed_scale=1.0).eval()
+    student.load_state_dict(teacher.state_dict())
+
+    def r_equals_t(n, kind):
+        t = torch.rand(n) * 0.9 + 0.05
+        return t, t.clone()
+
+    monkeypatch.setattr(digits_meanflow, "sample_tr", r_equals_t)
+    x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 10
+    _, with_teacher = digits_meanflow.make_loss("v1", 1.0, 0.0, 0.75, teacher=teacher)(student, x, y)
+    _, without = digits_meanflow.make_loss("v1", 1.0, 0.0, 0.75)(student, x, y)
+    assert with_teacher["mse"] < 1e-10
+    assert without["mse"] > 0.1
+
+
 def test_meanflow_quick(tmp_path):
     from models.meanflow_net import load_meanflow_net, meanflow_sample
     from models.recipes import digits_meanflow
@@ -148,6 +171,7 @@ def test_meanflow_quick(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     net = load_meanflow_net(out)
     assert not net.training
+    assert net.t_embed_scale == 1.0 and net.h_embed_scale == 1.0  # from scratch: raw t, smooth du/dt
     z = torch.randn(4, 1, 8, 8)
     labels = torch.tensor([0, 3, 9, 10])
     u = net.u(z, torch.zeros(4), torch.ones(4), labels)

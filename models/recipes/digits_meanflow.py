@@ -4,7 +4,14 @@
         [--tr-sampler v1|v0|jax] [--omega W] [--kappa K] [--p P] [--init-from DIR]
 
 Network: :class:`models.meanflow_net.MeanFlowNet` (the digits U-Net conditioned on t, on h = t - r through a
-separate embedding, and on a class label 0..9 / 10 = null).
+separate embedding, and on a class label 0..9 / 10 = null). t and h are multiplied by ``--time-scale``
+(default 1, as the official PyTorch code feeds raw t) before their sinusoidal embeddings. The target contains
+the network's own du/dt; with the 1000 t convention of diffusion U-Nets (and of digits-flow) the network is
+rough in t and the target grows without bound (measured here, fine-tuning from digits-flow with t sampled
+uniformly: per-pixel target MSE 100-1000 within 300 steps, 1-NFE digits-FD stuck at the flow model's
+one-step ~1.0).
+
+``--teacher DIR`` (optional) replaces v = eps - x by a frozen flow model's velocity, E[eps - x | z_t, c].
 
 Path z_t = (1 - t) x + t eps (t = 0 data, t = 1 noise), v = eps - x. Per batch:
 
@@ -83,8 +90,12 @@ def sample_tr(n: int, kind: str = "v1") -> tuple[torch.Tensor, torch.Tensor]:
         a, b = _logit_normal(n, mean, std), _logit_normal(n, mean, std)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         r = torch.where(torch.rand(n) < frac_eq, t, r)
+    elif kind == "uniform":
+        t = torch.rand(n)
+        u = torch.rand(n)
+        r = torch.where(u < 0.25, t, torch.where(u < 0.625, torch.zeros(n), torch.rand(n) * t))
     else:
-        raise ValueError(f"unknown (t, r) sampler {kind!r}; use v1, v0 or jax")
+        raise ValueError(f"unknown (t, r) sampler {kind!r}; use {', '.join(sorted(TR_DESC))}")
     return t, r
 
 
@@ -97,15 +108,27 @@ def meanflow_dudt(net: MeanFlowNet, z, t, r, v, labels) -> tuple[torch.Tensor, t
     return torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
 
 
-def make_loss(tr_sampler: str, omega: float, kappa: float, p: float, c: float = ADAPTIVE_C):
+def make_loss(
+    tr_sampler: str, omega: float, kappa: float, p: float, c: float = ADAPTIVE_C, teacher: MeanFlowNet | None = None
+):
+    """The MeanFlow loss. With ``teacher`` (a frozen flow model as a MeanFlowNet, h = 0), the conditional
+    velocity v = eps - x is replaced by the teacher's marginal velocity v(z_t, t | c) = E[eps - x | z_t, c].
+    The target u_tgt = v - (t - r)(v . d_z u + d_t u) is affine in v, so this is its conditional expectation
+    given (z_t, r, t, c): the minimiser of the squared loss is unchanged (up to the teacher's error), only
+    the variance of the regression target drops (Rao-Blackwellisation)."""
+
     def loss_fn(net: MeanFlowNet, x: torch.Tensor, y: torch.Tensor):
         n = x.shape[0]
         t, r = sample_tr(n, tr_sampler)
         eps = torch.randn_like(x)
         tt = t.view(-1, 1, 1, 1)
         z = (1 - tt) * x + tt * eps
-        v = eps - x
         labels = label_dropout(y, P_UNCOND, NULL_CLASS)
+        if teacher is None:
+            v = eps - x
+        else:
+            with torch.no_grad():
+                v = teacher(z, t, torch.zeros_like(t), labels)
         if omega != 1.0 or kappa != 0.0:
             with torch.no_grad():
                 zero = torch.zeros_like(t)
@@ -196,13 +219,15 @@ Class-conditional **MeanFlow** average-velocity model (Geng et al. 2025, arXiv 2
 - **Architecture**: `models.meanflow_net.MeanFlowNet`: the digits `UNet2DModel` shape (block_out_channels
   {boc}, layers_per_block {lpb}, no attention) with `class_embed_type="identity"`; the wrapper adds, to
   the U-Net's time embedding of **t**, a separate sinusoidal + MLP embedding of **h = t - r** and a class
-  embedding (labels 0..9, **10 = null**). **{params:,} parameters** ({size_mb:.1f} MB on disk).
+  embedding (labels 0..9, **10 = null**); t and h enter their sinusoidal embeddings multiplied by
+  **{time_scale:g}**. **{params:,} parameters** ({size_mb:.1f} MB on disk).
   Network call: `net(z, t, h, labels)`; `net.u(z, r, t, labels)` = u(z_t, r, t).
 - **Convention**: z_t = (1 - t) x + t eps (t = 0 data, t = 1 noise), v = eps - x; u(z_t, r, t) is the
   average of v over [r, t]. Sampling step z_r = z_t - (t - r) u(z_t, r, t); 1 NFE: z_0 = z_1 - u(z_1, 0, 1).
 - **Recipe**: `{cmd}` (seeded; `--quick` for a CI smoke run). MeanFlow identity target
   u_tgt = sg(v_g - (t - r) du/dt), du/dt by `torch.func.jvp` with tangents (v_g, 1, 0) on (z, t, r);
   (t, r) sampler `{tr_sampler}` ({tr_desc}); adaptive weight 1/sg(err + {c})^{p}; label dropout {p_uncond};
+  {teacher_line}
   {cfg_line}
   AdamW lr {lr} (warm-up + cosine), batch {batch_size}, grad-clip 1, EMA {ema_decay};
   **{train_steps} steps, {train_seconds} s** of training ({env}){init_note}.
@@ -231,6 +256,7 @@ TR_DESC = {
     "v1": "t ~ logit-normal(-0.6, 1.6), r ~ logit-normal(-4, 1.6), 25% r = t, r = min(r, t)",
     "v0": "t, r ~ logit-normal(-2, 2), sorted, 25% r = t",
     "jax": "t, r ~ logit-normal(-0.4, 1), sorted, 75% r = t",
+    "uniform": "t ~ U(0, 1); 25% r = t, 37.5% r = 0 (the intervals one step spans), 37.5% r ~ U(0, t)",
 }
 
 
@@ -324,6 +350,13 @@ def write_card(out: Path, info: dict, metrics: dict) -> None:
             - sum(f.stat().st_size for f in out.glob("*.md")) / 1e6,
             cmd=info.get("command", command_line(NAME)),
             tr_sampler=info["tr_sampler"],
+            time_scale=cfg.get("t_embed_scale", 1000.0),
+            teacher_line=(
+                f"v = the frozen teacher `{info['teacher']}`'s velocity v(z_t, t | c) (the conditional "
+                "expectation of eps - x; same minimiser, lower-variance target);"
+                if info.get("teacher")
+                else "v = eps - x (no teacher);"
+            ),
             tr_desc=TR_DESC[info["tr_sampler"]],
             c=info["adaptive_c"],
             p=info["adaptive_p"],
@@ -355,6 +388,16 @@ def main(argv: list[str] | None = None) -> Path:
     extra.add_argument("--p", type=float, default=0.75, help="adaptive loss weight power")
     extra.add_argument("--lr", type=float, default=LR)
     extra.add_argument("--init-from", type=Path, default=None, help="a digits-flow directory to start from")
+    extra.add_argument(
+        "--teacher", type=Path, default=None, help="a digits-flow directory whose velocity replaces eps - x"
+    )
+    extra.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="t and h are multiplied by this before their sinusoidal embeddings (default 1: smooth in t, as the "
+        "du/dt of the target needs; 1000, the digits-flow convention, with --init-from)",
+    )
     extra.add_argument("--probe-every", type=int, default=500)
     ex, rest = extra.parse_known_args(argv)
     args = parse_args(NAME, "Train the class-conditional MeanFlow model of the digits zoo.", rest)
@@ -368,13 +411,19 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
         x, y = train_split()
-        net = MeanFlowNet()
+        time_scale = ex.time_scale or (1000.0 if ex.init_from is not None else 1.0)
+        net = MeanFlowNet(t_embed_scale=time_scale, h_embed_scale=time_scale)
         if ex.init_from is not None:
             load_flow_init(net, ex.init_from)
         log(f"MeanFlowNet {n_params(net)} params")
+        teacher = None
+        if ex.teacher is not None:
+            teacher = MeanFlowNet()
+            load_flow_init(teacher, ex.teacher)
+            teacher.eval().requires_grad_(False)
         ema_net, info = train_loop(
             net,
-            make_loss(ex.tr_sampler, ex.omega, ex.kappa, ex.p),
+            make_loss(ex.tr_sampler, ex.omega, ex.kappa, ex.p, teacher=teacher),
             x,
             y,
             steps=steps,
@@ -399,6 +448,7 @@ def main(argv: list[str] | None = None) -> Path:
                 "adaptive_p": ex.p,
                 "adaptive_c": ADAPTIVE_C,
                 "init_from": str(ex.init_from) if ex.init_from else None,
+                "teacher": str(ex.teacher) if ex.teacher else None,
                 "command": " ".join(
                     [command_line(NAME)] + (argv if argv is not None else __import__("sys").argv[1:])
                 ),
