@@ -136,6 +136,21 @@ def real_floor(classifier: nn.Module | None = None) -> dict:
     return frechet_distance(train_split()[0], classifier=classifier)
 
 
+def balanced_real_subset(n: int, generator: torch.Generator, num_classes: int = 10) -> torch.Tensor:
+    """n training digits, as many of class c as ``balanced_labels(n)`` asks for: a real set shaped like the
+    class-balanced generated sets. Classifier-B features separate the classes, so a random subset's class
+    counts alone move its FD (5 random 1000-subsets: FD 0.073-0.130; 5 class-balanced ones: 0.082-0.088)."""
+    x, y = train_split()
+    counts = torch.bincount(balanced_labels(n, num_classes), minlength=num_classes)
+    picks = []
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < counts[c]:
+            raise ValueError(f"only {len(idx)} training digits of class {c}; asked for {int(counts[c])}")
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[: int(counts[c])]])
+    return x[torch.cat(picks)]
+
+
 def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
     """0,1,...,9,0,1,... (n labels): class-balanced conditioning for evaluation."""
     return torch.arange(n) % num_classes

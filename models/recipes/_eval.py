@@ -2,8 +2,8 @@
 
 Every model is evaluated on the same seeded noise (seed ``NOISE_SEED``) and class-balanced labels
 (0, 1, ..., 9, 0, 1, ...), ``N_EVAL`` = 1000 samples, against the 359 held-out digits. The floor is the FD
-of 1000-image subsets of the real training digits against the same held-out digits (same sample count as
-the generated sets, so the same bias), averaged over 5 subsets.
+of class-balanced 1000-image subsets of the real training digits against the same held-out digits (same
+sample count and class balance as the generated sets, so the same bias), averaged over 5 subsets.
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ FLOOR_SEED = 99
 
 
 def real_floor(n: int, repeats: int = 5) -> dict:
-    """FD of real digits vs the held-out digits: the mean over ``repeats`` random n-subsets of the training
-    split (same sample count as the generated sets), plus the FD of all 1438 training digits."""
-    from models.digits_fd import frechet_distance, get_classifier_b
+    """FD of real digits vs the held-out digits: the mean over ``repeats`` class-balanced n-subsets of the
+    training split (same sample count and balance as the generated sets), plus the FD of all 1438."""
+    from models.digits_fd import balanced_real_subset, frechet_distance, get_classifier_b
 
     clf = get_classifier_b(classifier_b_dir())
     x, _ = train_split()
     g = torch.Generator().manual_seed(FLOOR_SEED)
     m = min(n, len(x))
-    subs = [
-        frechet_distance(x[torch.randperm(len(x), generator=g)[:m]], classifier=clf) for _ in range(repeats)
-    ]
+    subs = [frechet_distance(balanced_real_subset(m, g), classifier=clf) for _ in range(repeats)]
     full = frechet_distance(x, classifier=clf)
     vals = [s["fd"] for s in subs]
     return {
@@ -106,7 +104,7 @@ def eval_header(metrics: dict) -> str:
         f"(`models/digits_fd.py`, {f['backend']} backend) between {metrics['n_eval']} class-balanced samples "
         f"(fixed noise seed {metrics['noise_seed']}, final samples clamped to [-1, 1]) and the 359 "
         f"held-out digits; class acc = classifier-B accuracy on the requested labels. **Floor** (real "
-        f"digits: mean over 5 random {f['n_subset']}-image subsets of the training split vs held-out): "
+        f"digits: mean over 5 class-balanced {f['n_subset']}-image subsets of the training split vs held-out): "
         f"**{f['fd_train_subset_vs_heldout']:.3f}** "
         f"(all 1438 training images: {f['fd_train_all_vs_heldout']:.3f})."
     )

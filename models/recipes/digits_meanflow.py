@@ -65,7 +65,7 @@ from models.recipes._common import (
 from models.recipes._eval import eval_header, evaluate, format_rows
 
 NAME = "digits-meanflow"
-FULL_STEPS = 4000
+FULL_STEPS = 3000
 QUICK_STEPS = 3
 BATCH = 128
 LR = 1e-3
