@@ -181,6 +181,20 @@ def test_meanflow_quick(tmp_path):
         assert x.shape == z.shape and torch.isfinite(x).all()
 
 
+def test_meanflow_quick_with_teacher(tmp_path):
+    import json
+
+    from models.recipes import digits_meanflow
+
+    flow = ZOO / "digits-flow"
+    if not (flow / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        pytest.skip("zoo/digits-flow is not in this checkout")
+    out = digits_meanflow.main(["--quick", "--out", str(tmp_path), "--teacher", str(flow)])
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["teacher"] == str(flow) and info["train_steps"] == digits_meanflow.QUICK_STEPS
+    assert "frozen teacher" in (out / "README.md").read_text()
+
+
 def test_classifiers_quick(tmp_path):
     from models.classifiers import load_classifier
     from models.recipes import digit_classifiers
