@@ -4,12 +4,6 @@ A `Batcher` owns one loop thread per model (vLLM's collect -> execute -> hand ba
 call it like the model; calls are grouped by their layout (per-sample shapes, dtypes, which arguments
 are None), concatenated up to the model's max batch, run once, and split back.  Per-sample arguments
 (noise levels, labels) travel with each sample, so a sample's result does not depend on its batch.
-
-Gather window: requests register while they run (`with batcher.running():`).  When a call arrives and other
-running requests have not submitted theirs yet, the loop waits up to `gather_seconds` (counted from the
-oldest pending call) for them before it runs the batch.  Without it, the threads woken by one batch resubmit
-one by one under the GIL and the loop fires on the first of them, so 32 concurrent requests ran in batches
-of a few.  A lone request never waits (everyone running has submitted).
 """
 
 from __future__ import annotations
@@ -17,9 +11,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 
 import torch
 
@@ -53,10 +46,8 @@ class _Call:
 class Batcher:
     """Coalesces concurrent calls of `fn(*per_sample_args)` into batches of at most `max_batch` samples."""
 
-    def __init__(self, fn: Callable, model_name: str, max_batch: int = 64, gather_seconds: float = 0.005):
+    def __init__(self, fn: Callable, model_name: str, max_batch: int = 64):
         self.fn, self.model_name, self.max_batch = fn, model_name, max_batch
-        self.gather_seconds = gather_seconds
-        self._running = 0  # requests inside `running()`: callers the loop may wait for
         self._pending: deque[_Call] = deque()
         self._cv = threading.Condition()
         self._stopped = False
@@ -72,18 +63,6 @@ class Batcher:
             self._pending.append(call)
             self._cv.notify()
         return call.future.result()
-
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """Mark one request as running on this model for the duration (it will call again soon)."""
-        with self._cv:
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._running -= 1
-                self._cv.notify()
 
     def stop(self) -> None:
         with self._cv:
@@ -112,20 +91,8 @@ class Batcher:
                     self._cv.wait()
                 if self._stopped and not self._pending:
                     return
-                self._gather()
                 calls = self._take()
             self._run(calls)
-
-    def _gather(self) -> None:
-        """Wait (lock held, up to gather_seconds after the oldest call) while running requests have yet to
-        submit and the batch is not full."""
-        deadline = self._pending[0].enqueued + self.gather_seconds
-        while (not self._stopped and len(self._pending) < self._running
-               and sum(c.size for c in self._pending) < self.max_batch):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._cv.wait(left)
 
     def _run(self, calls: list[_Call]) -> None:
         columns = list(zip(*(c.args for c in calls)))

@@ -18,7 +18,6 @@ class ServerConfig:
     max_steps: int = 1000
     max_queue: int = 64                    # admitted requests per model (running + waiting)
     max_batch: int = 64                    # samples per batched forward pass
-    batch_wait_ms: float = 5.0             # how long a batch may wait for running requests' next calls
     workers: int = 32                      # requests computing at once
     min_preview_every: int = 1
     max_message_bytes: int = 64 * 1024 * 1024

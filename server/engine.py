@@ -41,10 +41,10 @@ class ServedModel:
         self.loaded = loaded
         base = loaded.model
         if loaded.kind == "masked":
-            self.batcher = Batcher(base.logits, loaded.name, config.max_batch, config.batch_wait_ms / 1000)
+            self.batcher = Batcher(base.logits, loaded.name, config.max_batch)
             self.model = BatchedMaskedModel(base, self.batcher)
         else:
-            self.batcher = Batcher(base, loaded.name, config.max_batch, config.batch_wait_ms / 1000)
+            self.batcher = Batcher(base, loaded.name, config.max_batch)
             self.model = BatchedModel(base, self.batcher)
         self.ready = False
         self.admitted = 0
@@ -174,8 +174,7 @@ class Engine:
         try:
             _check(cancel, deadline)  # refuse work that was cancelled or ran late while queued
             full = GenerateRequest(**{**request.__dict__, "sampler": sampler})
-            with served.batcher.running():
-                result = generate(served.loaded, full, hook=hook, model=served.model, resources=self.resources)
+            result = generate(served.loaded, full, hook=hook, model=served.model, resources=self.resources)
         finally:
             metrics.INFLIGHT.labels(name).dec()
         compute = time.monotonic() - began
