@@ -1,5 +1,6 @@
-"""Serving throughput and latency on digits-ddpm: our gRPC server vs in-process sequential sampling vs
-diffusers' pipeline behind a thread pool, and the model's forward-pass limit.
+"""Serving throughput and latency on digits-ddpm: our gRPC server (eager torch, and the same weights through
+the ONNX Runtime CPU backend) vs in-process sequential sampling vs diffusers' pipeline behind a thread pool,
+and the model's forward-pass limit (eager torch).
 
 Every request asks for one sample with DPM-Solver++(2M), 10 steps, no guidance.  The server runs as a
 separate process (`diffserve serve`) on loopback, so client and server do not share an interpreter.
@@ -57,16 +58,21 @@ def _load(n, concurrency, one_request):
     return latencies, time.perf_counter() - start
 
 
-def bench_grpc(n, concurrencies):
+def bench_grpc(n, concurrencies, backend="torch"):
+    """The server process on loopback; `backend = "onnxruntime"` serves the same weights through an ONNX
+    Runtime CPU session (one intra-op thread, exported into a temp folder at start-up): row "grpc_onnxruntime"."""
     from server.client import connect
 
     port, metrics_port = _free_port(), _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         entry = load_config()[MODEL]
         config = Path(tmp) / "models.toml"
+        backend_lines = "" if backend == "torch" else (
+            f'backend = "{backend}"\nproviders = ["CPUExecutionProvider"]\nthreads = 1\nexport_dir = "{tmp}/onnx"\n')
         config.write_text(f'model_roots = ["{DEFAULT_CONFIG.parent}"]\n[server]\nmax_queue = 256\nworkers = 64\n'
                           f'[[models]]\nname = "{MODEL}"\ndirectory = "{entry.directory.name}"\nkind = "diffusion"\n'
-                          f'default_sampler = "{SAMPLER}"\ndefault_steps = {STEPS}\nnull_class = 10\n')
+                          f'default_sampler = "{SAMPLER}"\ndefault_steps = {STEPS}\nnull_class = 10\n' + backend_lines)
+        system = "grpc" if backend == "torch" else f"grpc_{backend}"
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port",
                                  str(port), "--metrics-port", str(metrics_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,7 +85,7 @@ def bench_grpc(n, concurrencies):
                     stub.Generate(pb.GenerateRequest(model=MODEL, sampler=SAMPLER, steps=STEPS, base_seed=k,
                                                      format=pb.TENSOR))
                 _load(min(8, n), c, one)  # warm the connection and threads
-                rows.append(_summary("grpc", c, *_load(n if c > 1 else max(8, n // 4), c, one)))
+                rows.append(_summary(system, c, *_load(n if c > 1 else max(8, n // 4), c, one)))
             return rows
         finally:
             proc.terminate()
@@ -167,10 +173,11 @@ def main(quick: bool = False) -> dict:
     concurrencies = (1, 8) if quick else CONCURRENCY
     rows = [bench_sequential(loaded, max(8, n // 4))]
     rows += bench_grpc(n, concurrencies)
+    rows += bench_grpc(n, concurrencies, backend="onnxruntime")
     rows += bench_diffusers(loaded, n, concurrencies)
     limit = forward_limit(loaded, (1, 8, 32, 64) if quick else (1, 4, 16, 32, 64, 128, 256))
-    print(f"{'system':12s}{'conc':>6}{'samples/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'system':18s}{'conc':>6}{'samples/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
     for r in rows:
-        print(f"{r['system']:12s}{r['concurrency']:6d}{r['samples_per_s']:12.1f}{r['p50_ms']:10.1f}{r['p99_ms']:10.1f}")
+        print(f"{r['system']:18s}{r['concurrency']:6d}{r['samples_per_s']:12.1f}{r['p50_ms']:10.1f}{r['p99_ms']:10.1f}")
     print(f"forward-pass limit: {limit:.1f} samples/s ({STEPS} NFE per sample)")
     return {"rows": rows, "forward_limit_samples_per_s": limit}
