@@ -47,6 +47,16 @@ def euler_maruyama(model, x, sigmas, cond=None, *, noise=None, hook=None, eta: f
     return x
 
 
+def ddpm_step(x, denoised, sigma: float, sigma_next: float, noise):
+    """One draw from q(x_next | x, x0 = denoised) (Ho et al. 2020, Algorithm 2) in VE coordinates: posterior
+    mean weight sigma_next^2 / sigma^2 on x, variance sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2."""
+    _, sigma_up = ancestral_step(sigma, sigma_next, 1.0)
+    x = denoised + (sigma_next / sigma) ** 2 * (x - denoised)
+    if sigma_up > 0:
+        x = x + sigma_up * noise.randn_like(x)
+    return x
+
+
 @register("ddpm", order=1, stochastic=True,
           when_to_use="DDPM ancestral sampling (exact posterior steps given D); equals DDIM with eta = 1.")
 def ddpm(model, x, sigmas, cond=None, *, noise=None, hook=None):
@@ -56,11 +66,7 @@ def ddpm(model, x, sigmas, cond=None, *, noise=None, hook=None):
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
         denoised = model(x, s, cond)
-        # Posterior mean weight t^2 / s^2 on x, variance t^2 (s^2 - t^2) / s^2, in VE coordinates.
-        _, sigma_up = ancestral_step(s, t, 1.0)
-        x = denoised + (t / s) ** 2 * (x - denoised)
-        if sigma_up > 0:
-            x = x + sigma_up * noise.randn_like(x)
+        x = ddpm_step(x, denoised, s, t, noise)
         report(hook, i, steps, s, t, x, denoised)
     return x
 

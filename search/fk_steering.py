@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from samplers.errors import InvalidRequest
-from samplers.ode import ancestral_step
+from samplers.sde import ddpm_step
 
 from .budget import CountedModel, score_with
 from .core import Streams, Tracker, expand_cond
@@ -50,11 +50,7 @@ def fk_steering(model: CountedModel, verifier, *, steps: int, cond, streams: Str
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
         x0 = model(x, s, c)
-        if t == 0:
-            x = x0
-        else:
-            x = x0 + (t / s) ** 2 * (x - x0)
-            x = x + ancestral_step(s, t, 1.0)[1] * noise.randn_like(x)
+        x = x0 if t == 0 else ddpm_step(x, x0, s, t, noise)
         final = i == steps - 1
         if not (final or (i >= start and (i - start) % interval == 0)):
             tracker.tick()
