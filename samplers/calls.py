@@ -1,0 +1,66 @@
+"""Step machines: samplers that hand each network evaluation to whoever drives them.
+
+A sampler (or a search, or a whole pipeline request) is a generator function.  Where a plain function
+would call the model, it yields a `NetworkCall` and receives the result::
+
+    denoised = yield evaluate(model, x, sigma, cond)
+
+`drive` runs such a machine to completion in the calling thread (library use, `run_sampler`); the
+server's engine instead collects the pending calls of every running machine, concatenates the calls that
+go to the same network with the same per-sample layout into one forward pass, and sends each machine
+its slice (vLLM's schedule / execute / update loop, one network call at a time).
+
+A `NetworkCall` is the batchable part of one evaluation: ``network(*args)`` where every tensor argument
+has one row per sample (dicts and tuples of such tensors are allowed), followed by ``finish(out)``, the
+per-request arithmetic around it (a parameterization adapter, the CFG combination).  Wrappers compose
+by wrapping `finish`: a model that exposes ``network_call(*args) -> NetworkCall`` is split that way; any
+other callable is its own network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+StepMachine = Generator["NetworkCall", Any, T]
+
+
+@dataclass(frozen=True, eq=False)
+class NetworkCall:
+    """One network evaluation: `network(*args)` (per-sample rows on dim 0), then `finish` on its output."""
+
+    network: Callable
+    args: tuple
+    finish: Callable[[Any], Any] | None = None
+
+    def run(self) -> Any:
+        """Evaluate unbatched, in the calling thread."""
+        return self.complete(self.network(*self.args))
+
+    def complete(self, out: Any) -> Any:
+        """What the step machine receives, given this call's rows of the network output."""
+        return out if self.finish is None else self.finish(out)
+
+    def then(self, fn: Callable[[Any], Any]) -> NetworkCall:
+        """The same network evaluation followed by `fn` on what this call would return."""
+        inner = self.finish
+        return NetworkCall(self.network, self.args, fn if inner is None else (lambda out: fn(inner(out))))
+
+
+def evaluate(model: Callable, *args) -> NetworkCall:
+    """The NetworkCall for `model(*args)`: split by the model's `network_call` when it has one."""
+    split = getattr(model, "network_call", None)
+    return split(*args) if split is not None else NetworkCall(model, args)
+
+
+def drive(machine: StepMachine[T]) -> T:
+    """Run a step machine to completion, evaluating each call directly; returns the machine's value."""
+    try:
+        call = next(machine)
+        while True:
+            call = machine.send(call.run())
+    except StopIteration as stop:
+        return stop.value
