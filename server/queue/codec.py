@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from ..convert import sample_protos
-from ..generation import GenerateRequest
+from ..generation import GenerateRequest, SearchRequest
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class JobSpec:
         for key in ("seeds", "prompt_tokens"):
             if req.get(key) is not None:
                 req[key] = tuple(req[key])
+        if req.get("search") is not None:  # asdict flattened it; the worker needs the dataclass back
+            req["search"] = SearchRequest(**req["search"])
         return cls(raw["model"], GenerateRequest(**req), raw["format"], raw["task_size"])
 
     def request_hash(self) -> str:

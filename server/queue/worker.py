@@ -206,7 +206,8 @@ class Worker:
         held.progress, held.started_ms, held.dirty = f"0 1 {request.n}", int(began * 1000), True
 
         def on_step(info):
-            held.progress, held.dirty = f"{info.step + 1} {info.steps} {request.n}", True
+            done, total = (info.step + 1, info.steps) if hasattr(info, "step") else (info.nfe, info.budget_nfe)
+            held.progress, held.dirty = f"{done} {total} {request.n}", True  # a search reports NFE of its budget
 
         try:
             out = self.engine.generate(spec.model, request, on_step=on_step, cancel=held.cancel)
