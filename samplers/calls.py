@@ -19,6 +19,7 @@ other callable is its own network.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -51,9 +52,23 @@ class NetworkCall:
 
 
 def evaluate(model: Callable, *args) -> NetworkCall:
-    """The NetworkCall for `model(*args)`: split by the model's `network_call` when it has one."""
-    split = getattr(model, "network_call", None)
-    return split(*args) if split is not None else NetworkCall(model, args)
+    """The NetworkCall for `model(*args)`: split by the model's `network_call` when its class defines one.
+
+    Looked up on the class, so a wrapper that forwards unknown attributes to the model it wraps (through
+    `__getattr__`) is still called itself rather than bypassed."""
+    split = getattr(type(model), "network_call", None)
+    return split(model, *args) if split is not None else NetworkCall(model, args)
+
+
+def step_machine(machine: Callable[..., StepMachine[T]]) -> Callable[..., T]:
+    """Decorator: the plain-function form of generator function `machine` (same arguments, runs it to
+    completion with `drive`); the generator stays reachable as `.machine` for callers that are
+    themselves step machines (``u = yield from velocity.machine(...)``)."""
+    @functools.wraps(machine)
+    def run(*args, **kwargs):
+        return drive(machine(*args, **kwargs))
+    run.machine = machine
+    return run
 
 
 def drive(machine: StepMachine[T]) -> T:

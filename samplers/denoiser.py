@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .calls import NetworkCall, evaluate
 from .errors import InvalidRequest
 from .processes import Process, RectifiedFlow
 
@@ -78,14 +79,18 @@ class Denoiser:
     def sigma_max(self) -> float:
         return self.process.kappa_max
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def network_call(self, x: torch.Tensor, sigma, cond=None) -> NetworkCall:
+        """The network in its own coordinates, net(x_t, t, cond), then this adapter's conversion to x0."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
         t = self.process.t_of_kappa(sigma)
         alpha = _bcast(self.process.alpha(t), x)
         sig = _bcast(self.process.sigma(t), x)
         x_t = x * alpha
-        out = self.net(x_t, t, cond).to(x.dtype)
-        return PREDICTIONS[self.prediction](x_t, out, alpha, sig, self.process)
+        to_x0 = PREDICTIONS[self.prediction]
+        return evaluate(self.net, x_t, t, cond).then(lambda out: to_x0(x_t, out.to(x.dtype), alpha, sig, self.process))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.network_call(x, sigma, cond).run()
 
 
 @dataclass(frozen=True)
@@ -102,16 +107,22 @@ class ClassifierFreeGuidance:
     def __getattr__(self, name):  # expose process, shape, sigma range... of the wrapped model
         return getattr(self.model, name)
 
-    def __call__(self, x, sigma, cond=None):
+    def network_call(self, x, sigma, cond=None) -> NetworkCall:
+        """Both halves in one network call: rows [x | x] under [cond | null], then the guided combination."""
         if cond is None:
             raise InvalidRequest("guidance needs a class label per sample")
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                          torch.cat([cond, torch.full_like(cond, NULL_LABEL)]))
-        d_cond, d_uncond = both.chunk(2)
+        both = evaluate(self.model, torch.cat([x, x]), torch.cat([sigma, sigma]),
+                        torch.cat([cond, torch.full_like(cond, NULL_LABEL)]))
+        return both.then(lambda out: self.combine(x, cond, *out.chunk(2)))
+
+    def combine(self, x, cond, d_cond, d_uncond):
         guided = d_uncond + self.scale * (d_cond - d_uncond)
         keep = _bcast((cond == NULL_LABEL).to(torch.float64), x).bool()
         return torch.where(keep, d_uncond, guided)
+
+    def __call__(self, x, sigma, cond=None):
+        return self.network_call(x, sigma, cond).run()
 
 
 def with_guidance(model, scale: float | None):

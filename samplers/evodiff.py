@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .calls import evaluate
 from .hooks import report
 from .registry import register
 
@@ -41,20 +42,21 @@ NEUTRAL = EvodiffCoefficients(adaptive=False)
 
 
 def _middle_step(x, m0, m1, sigma_prev, s, t, sigma_min, sigma_max, steps, model, cond, coef):
-    """One EVODiff step from s to t (> 0); returns (x_t, m_t) with m_t = D(probe, t), the single NFE."""
+    """One EVODiff step from s to t (> 0), a step machine; returns (x_t, m_t) with m_t = D(probe, t), the
+    single NFE."""
     h = 1 / t - 1 / s  # e^{lambda_t} - e^{lambda_s}; t * h is DPM-Solver++'s first-order coefficient
     x_euler = (t / s) * x + t * h * m0
     r_logh = math.log(sigma_prev / s) / math.log(s / t)
     if not coef.adaptive:
         probe = x_euler + 0.5 * t * h / r_logh * (m0 - m1)
-        return probe, model(probe, t, cond)
+        return probe, (yield evaluate(model, probe, t, cond))
     w = 0.5 * (1 - ((t + sigma_min) / (sigma_max + sigma_min)) ** 2)
     base = math.sqrt((t / s) / (s / sigma_prev))
     r1 = (1 - w) * base + w * projection(m0, m1)
     d1 = m0 - r1 * m1  # balanced difference
     r_i = (torch.sigmoid(0.25 * r1.abs()) * r_logh).clamp(0.25 * r_logh, 1.5 * r_logh)
     probe = x_euler + 0.5 * t * h / r_i * d1
-    m_t = model(probe, t, cond)
+    m_t = yield evaluate(model, probe, t, cond)
     r2 = (1 - w) * base + w * projection(m_t, m0)
     d2 = m_t - r2 * m0
     b_pre, b_next = d1 / (r_logh * h), r_logh * d2 / h
@@ -93,7 +95,7 @@ def evodiff(model, x, sigmas, cond=None, *, noise=None, hook=None, coefficients:
     steps = len(sig) - 1
     positive = [v for v in sig if v > 0]
     sigma_min, sigma_max = positive[-1], positive[0]
-    m_prev, m0 = None, model(x, sig[0], cond)
+    m_prev, m0 = None, (yield evaluate(model, x, sig[0], cond))
     for i in range(steps):
         s, t = sig[i], sig[i + 1]
         if i == steps - 1:
@@ -102,10 +104,11 @@ def evodiff(model, x, sigmas, cond=None, *, noise=None, hook=None, coefficients:
             denoised = m0
         elif i == 0:  # warm-up: DPM-Solver++(1), then evaluate at the new point
             x = (t / s) * x + (1 - t / s) * m0
-            m_prev, m0, denoised = m0, model(x, t, cond), m0
+            m_prev, m0, denoised = m0, (yield evaluate(model, x, t, cond)), m0
         else:
             denoised = m0
-            x, m_t = _middle_step(x, m0, m_prev, sig[i - 1], s, t, sigma_min, sigma_max, steps, model, cond, coef)
+            x, m_t = yield from _middle_step(x, m0, m_prev, sig[i - 1], s, t, sigma_min, sigma_max, steps, model,
+                                             cond, coef)
             m_prev, m0 = m0, m_t
         report(hook, i, steps, s, t, x, denoised)
     return x

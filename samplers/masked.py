@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .calls import NetworkCall, StepMachine, drive
 from .errors import InvalidRequest
 from .hooks import Hook, report
 from .noise import SampleNoise
@@ -105,8 +106,14 @@ def _take(cond: Any, rows: torch.Tensor) -> Any:
     return [cond[i] for i in rows.tolist()]
 
 
-def _logits(model: MaskedDenoiser, x: torch.Tensor, cond: Any) -> torch.Tensor:
-    out = model.logits(x, cond)
+def logits_call(model: MaskedDenoiser, x: torch.Tensor, cond: Any) -> NetworkCall:
+    """The network call of `model.logits(x, cond)`, checking the shape of what comes back."""
+    split = getattr(type(model), "logits_call", None)  # on the class: see samplers.calls.evaluate
+    call = split(model, x, cond) if split is not None else NetworkCall(model.logits, (x, cond))
+    return call.then(lambda out: _checked_logits(model, x, out))
+
+
+def _checked_logits(model: MaskedDenoiser, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if out.shape != (*x.shape, model.vocab_size):
         raise RuntimeError(f"masked model returned logits of shape {tuple(out.shape)}, expected "
                            f"{(*x.shape, model.vocab_size)}")
@@ -166,7 +173,8 @@ def mdlm(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None, *, steps
         need = (active & stale) if cached else active
         if need.any():
             rows = need.nonzero()[:, 0]
-            probs[rows] = probabilities(model, _logits(model, x[rows], _take(cond, rows)),
+            logits = yield logits_call(model, x[rows], _take(cond, rows))
+            probs[rows] = probabilities(model, logits,
                                         temperature, top_k, top_p, precision)
             nfe[rows] += 1
             stale[rows] = False
@@ -213,7 +221,7 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
         tau_before = float(tau[rows].mean())
         tau[rows] *= u[:, 0] ** (1.0 / n[rows])
         xs = x[rows]
-        logits = _logits(model, xs, _take(cond, rows))
+        logits = yield logits_call(model, xs, _take(cond, rows))
         nfe[rows] += 1
         masked = xs == model.mask_id
         j = torch.minimum((u[:, 1] * n[rows]).long(), n[rows] - 1)  # the j-th masked position, uniform
@@ -232,7 +240,15 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
 def run_masked_sampler(name: str, model: MaskedDenoiser, tokens: torch.Tensor, *, steps: int | None = None,
                        cond: Any = None, noise: SampleNoise | None = None, hook: Hook | None = None,
                        options: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate, then run masked sampler `name`; returns (tokens, per-sample NFE as a (B,) int64 tensor).
+    """Validate, then run masked sampler `name`; returns (tokens, per-sample NFE as a (B,) int64 tensor)."""
+    return drive(masked_sampler_machine(name, model, tokens, steps=steps, cond=cond, noise=noise, hook=hook,
+                                        options=options))
+
+
+def masked_sampler_machine(name: str, model: MaskedDenoiser, tokens: torch.Tensor, *, steps: int | None = None,
+                           cond: Any = None, noise: SampleNoise | None = None, hook: Hook | None = None,
+                           options: dict[str, Any] | None = None) -> StepMachine:
+    """`run_masked_sampler` as a step machine (validation runs on the first advance).
 
     `steps` is N for mdlm; first_hitting takes one step per masked position, so leave it None (or pass
     exactly that number). The hook's StepInfo.nfe is the number of network calls so far.
@@ -257,7 +273,7 @@ def run_masked_sampler(name: str, model: MaskedDenoiser, tokens: torch.Tensor, *
     counted = None if hook is None else (lambda info: hook(replace(info, nfe=counter.calls)))
     if takes_steps:
         opts["steps"] = steps
-    return spec.fn(counter, tokens, cond, noise=noise, hook=counted, **opts)
+    return (yield from spec.machine(counter, tokens, cond, noise=noise, hook=counted, **opts))
 
 
 class _CallCounter:
@@ -270,6 +286,9 @@ class _CallCounter:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def logits(self, tokens: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    def logits_call(self, tokens: torch.Tensor, cond: Any = None) -> NetworkCall:
         self.calls += 1
-        return self.model.logits(tokens, cond)
+        return logits_call(self.model, tokens, cond)
+
+    def logits(self, tokens: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self.logits_call(tokens, cond).run()

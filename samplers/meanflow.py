@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .calls import NetworkCall, evaluate
 from .denoiser import Denoiser
 from .hooks import report
 from .processes import F64, RectifiedFlow
@@ -30,17 +31,33 @@ class AverageVelocity:
     sigma_min: float = 0.0  # the schedule is in time t itself: run_sampler checks it lies in [0, 1]
     sigma_max: float = 1.0
 
-    def __call__(self, z, r, t, cond=None):
+    def network_call(self, z, r, t, cond=None) -> NetworkCall:
         n = z.shape[0]
         r = torch.as_tensor(r, dtype=F64).expand(n)
         t = torch.as_tensor(t, dtype=F64).expand(n)
-        return self.u(z, r, t, cond).to(z.dtype)
+        return NetworkCall(self.u, (z, r, t, cond), lambda out: out.to(z.dtype))
+
+    def __call__(self, z, r, t, cond=None):
+        return self.network_call(z, r, t, cond).run()
 
     def as_flow_denoiser(self) -> Denoiser:
-        """The instantaneous-velocity model u(z, t, t) as a rectified-flow denoiser."""
-        def net(z, t, labels=None):
-            return self.u(z, t, t, labels)
-        return Denoiser(net, RectifiedFlow(), "velocity", self.shape, self.num_classes, kind="flow")
+        """The instantaneous-velocity model u(z, t, t) as a rectified-flow denoiser (its network calls go
+        to the same `u`, so they batch with the MeanFlow requests on this model)."""
+        return Denoiser(BoundaryVelocity(self.u), RectifiedFlow(), "velocity", self.shape, self.num_classes,
+                        kind="flow")
+
+
+@dataclass(frozen=True)
+class BoundaryVelocity:
+    """v(z, t) = u(z, t, t): the instantaneous velocity on the boundary r = t (Geng et al. 2025, eq. 6)."""
+
+    u: Callable
+
+    def network_call(self, z, t, labels=None) -> NetworkCall:
+        return NetworkCall(self.u, (z, t, t, labels))
+
+    def __call__(self, z, t, labels=None):
+        return self.u(z, t, t, labels)
 
 
 def meanflow_times(steps: int) -> torch.Tensor:
@@ -57,7 +74,7 @@ def meanflow(model, z, times, cond=None, *, noise=None, hook=None):
     steps = len(times) - 1
     for i in range(steps):
         t, r = times[i], times[i + 1]
-        u = model(z, r, t, cond)
+        u = yield evaluate(model, z, r, t, cond)
         x0_hat = z - t * u  # the clean estimate if this interval ran to 0
         z = z - (t - r) * u
         report(hook, i, steps, t, r, z, x0_hat)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from .calls import evaluate
 from .hooks import report
 from .ode import dpmpp_first_order, midpoint_direction
 from .registry import Option, register
@@ -43,7 +44,7 @@ def hb(model, x, sigmas, cond=None, *, noise=None, hook=None, beta: float = 0.8)
     old_denoised, h_last, velocity = None, None, None
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigmas[i], cond)
+        denoised = yield evaluate(model, x, sigmas[i], cond)
         if old_denoised is None or t == 0:
             x_next = dpmpp_first_order(x, denoised, s, t)
         else:
@@ -62,7 +63,7 @@ def _plms_family(model, x, sigmas, cond, hook, direction):
     steps = len(sigmas) - 1
     for i in range(steps):
         s, t = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s, cond)
+        denoised = yield evaluate(model, x, s, cond)
         x = x + (t - s) * direction((x - denoised) / s)
         report(hook, i, steps, s, t, x, denoised)
     return x
@@ -78,7 +79,7 @@ def plms(model, x, sigmas, cond=None, *, noise=None, hook=None, order: int = 4):
         history.insert(0, eps)
         del history[order:]
         return ab_mix(history, order, 1.0)
-    return _plms_family(model, x, sigmas, cond, hook, direction)
+    return (yield from _plms_family(model, x, sigmas, cond, hook, direction))
 
 
 @register("plms_hb", order=1, options={"order": ORDER, "beta": BETA},
@@ -93,7 +94,7 @@ def plms_hb(model, x, sigmas, cond=None, *, noise=None, hook=None, order: int = 
         mixed = ab_mix(history, order, 1.0)
         state["v"] = mixed if "v" not in state else (1 - beta) * state["v"] + beta * mixed
         return state["v"]
-    return _plms_family(model, x, sigmas, cond, hook, direction)
+    return (yield from _plms_family(model, x, sigmas, cond, hook, direction))
 
 
 @register("ghvb", order=2, options={"order": ORDER, "beta": BETA},
@@ -108,4 +109,4 @@ def ghvb(model, x, sigmas, cond=None, *, noise=None, hook=None, order: int = 2, 
         velocities.insert(0, v)
         del velocities[order:]
         return ab_mix(velocities, order, beta)
-    return _plms_family(model, x, sigmas, cond, hook, direction)
+    return (yield from _plms_family(model, x, sigmas, cond, hook, direction))

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .calls import evaluate
 from .errors import InvalidRequest
 from .hooks import report
 from .registry import Option, register
@@ -26,7 +27,7 @@ def euler(model, x, sigmas, cond=None, *, noise=None, hook=None):
     2022, Algorithm 1 without churn)."""
     steps = len(sigmas) - 1
     for i in range(steps):
-        denoised = model(x, sigmas[i], cond)
+        denoised = yield evaluate(model, x, sigmas[i], cond)
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
         report(hook, i, steps, sigmas[i], sigmas[i + 1], x, denoised)
@@ -39,12 +40,12 @@ def heun(model, x, sigmas, cond=None, *, noise=None, hook=None):
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler on a final step to sigma = 0."""
     steps = len(sigmas) - 1
     for i in range(steps):
-        denoised = model(x, sigmas[i], cond)
+        denoised = yield evaluate(model, x, sigmas[i], cond)
         d = (x - denoised) / sigmas[i]
         dt = sigmas[i + 1] - sigmas[i]
         x_next = x + d * dt
         if sigmas[i + 1] > 0:
-            d_next = (x_next - model(x_next, sigmas[i + 1], cond)) / sigmas[i + 1]
+            d_next = (x_next - (yield evaluate(model, x_next, sigmas[i + 1], cond))) / sigmas[i + 1]
             x_next = x + 0.5 * (d + d_next) * dt
         x = x_next
         report(hook, i, steps, sigmas[i], sigmas[i + 1], x, denoised)
@@ -71,7 +72,7 @@ def ddim(model, x, sigmas, cond=None, *, noise=None, hook=None, eta: float = 0.0
         raise InvalidRequest("option 'eta': eta > 0 needs per-sample noise (seeds)")
     steps = len(sigmas) - 1
     for i in range(steps):
-        denoised = model(x, sigmas[i], cond)
+        denoised = yield evaluate(model, x, sigmas[i], cond)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = denoised + (sigma_down / sigmas[i]) * (x - denoised)
         if sigma_up > 0:
@@ -100,7 +101,7 @@ def dpmpp_2m(model, x, sigmas, cond=None, *, noise=None, hook=None):
     steps = len(sigmas) - 1
     old_denoised, h_last = None, None
     for i in range(steps):
-        denoised = model(x, sigmas[i], cond)
+        denoised = yield evaluate(model, x, sigmas[i], cond)
         if old_denoised is None or sigmas[i + 1] == 0:
             x_next = dpmpp_first_order(x, denoised, sigmas[i], sigmas[i + 1])
         else:
@@ -125,7 +126,7 @@ def dpmpp_3m(model, x, sigmas, cond=None, *, noise=None, hook=None):
     steps = len(sigmas) - 1
     history: list[tuple[torch.Tensor, float]] = []  # (denoised, lambda) newest last
     for i in range(steps):
-        denoised = model(x, sigmas[i], cond)
+        denoised = yield evaluate(model, x, sigmas[i], cond)
         history = (history + [(denoised, _lam(sigmas[i]))])[-3:]
         order = min(3, len(history))
         if sigmas[-1] == 0 and i == steps - 1:

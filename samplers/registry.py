@@ -1,7 +1,11 @@
 """The sampler registry: one explicit dict name -> SamplerSpec, validated requests, one run entry point.
 
-The server validates names and options against it and generates ListSamplers from it.  A sampler is a
-plain function ``fn(model, x, sigmas, cond, *, noise=None, hook=None, **options) -> x``.
+The server validates names and options against it and generates ListSamplers from it.  A sampler is
+written as a step machine (samplers/calls.py): a generator function
+``machine(model, x, sigmas, cond, *, noise=None, hook=None, **options)`` that yields each network call and
+returns x.  `register` keeps the generator in the spec (`spec.machine`, what the engine advances one call
+at a time) and returns a plain function of the same signature that drives it to completion, so
+``dpmpp_2m(model, x, sigmas)`` is still an ordinary call.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .calls import NetworkCall, StepMachine, drive, evaluate, step_machine
 from .errors import InvalidRequest
 from .hooks import Hook
 
@@ -58,7 +63,7 @@ class SamplerSpec:
     """Everything the server and the docs need to know about one sampler."""
 
     name: str
-    fn: Callable
+    machine: Callable[..., StepMachine]  # the generator function; `fn` is the same sampler driven directly
     kinds: tuple[str, ...]
     nfe_per_step: float
     order: int
@@ -71,6 +76,10 @@ class SamplerSpec:
     def nfe(self, steps: int) -> int:
         return int(math.ceil(self.nfe_per_step * steps)) + self.extra_nfe
 
+    @property
+    def fn(self) -> Callable:
+        return step_machine(self.machine)
+
 
 REGISTRY: dict[str, SamplerSpec] = {}
 
@@ -78,13 +87,13 @@ REGISTRY: dict[str, SamplerSpec] = {}
 def register(name: str, *, kinds=("diffusion", "flow"), nfe_per_step: float = 1, order: int = 1,
              stochastic: bool = False, when_to_use: str, options: dict[str, Option] | None = None,
              max_steps: int = MAX_STEPS, extra_nfe: int = 0):
-    """Decorator: add a sampler function to REGISTRY under `name`."""
-    def add(fn):
+    """Decorator: add a sampler step machine to REGISTRY under `name`; returns its driven plain form."""
+    def add(machine):
         if name in REGISTRY:
             raise ValueError(f"sampler {name!r} registered twice")
-        REGISTRY[name] = SamplerSpec(name, fn, tuple(kinds), nfe_per_step, order, stochastic, when_to_use,
+        REGISTRY[name] = SamplerSpec(name, machine, tuple(kinds), nfe_per_step, order, stochastic, when_to_use,
                                      dict(options or {}), max_steps, extra_nfe)
-        return fn
+        return step_machine(machine)
     return add
 
 
@@ -126,9 +135,12 @@ class CallCounter:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, x, *args):  # (x, sigma, cond) for denoisers, (z, r, t, cond) for MeanFlow models
+    def network_call(self, *args) -> NetworkCall:  # (x, sigma, cond) or, for MeanFlow models, (z, r, t, cond)
         self.calls += 1
-        return self.model(x, *args)
+        return evaluate(self.model, *args)
+
+    def __call__(self, *args):
+        return self.network_call(*args).run()
 
 
 def check_inputs(model, x: torch.Tensor, sigmas: torch.Tensor) -> None:
@@ -156,6 +168,14 @@ def check_inputs(model, x: torch.Tensor, sigmas: torch.Tensor) -> None:
 def run_sampler(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, cond=None, *, noise=None,
                 hook: Hook | None = None, options: dict[str, Any] | None = None, kind: str | None = None):
     """Validate, then run sampler `name`; returns (x, nfe). The hook's StepInfo carries the running NFE."""
+    return drive(sampler_machine(name, model, x, sigmas, cond, noise=noise, hook=hook, options=options, kind=kind))
+
+
+def sampler_machine(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, cond=None, *, noise=None,
+                    hook: Hook | None = None, options: dict[str, Any] | None = None, kind: str | None = None
+                    ) -> StepMachine[tuple[torch.Tensor, int]]:
+    """`run_sampler` as a step machine: validates, then yields the sampler's network calls; returns
+    (x, nfe).  Validation happens on the first advance, before any call is yielded."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     spec, opts = validate(name, len(sigmas) - 1, options, kind)
     check_inputs(model, x, sigmas)
@@ -163,5 +183,5 @@ def run_sampler(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, cond=No
         raise InvalidRequest(f"sampler: {name!r} is stochastic and needs per-sample noise (seeds)")
     counter = CallCounter(model)
     counted_hook = None if hook is None else (lambda info: hook(replace(info, nfe=counter.calls)))
-    out = spec.fn(counter, x, sigmas, cond, noise=noise, hook=counted_hook, **opts)
+    out = yield from spec.machine(counter, x, sigmas, cond, noise=noise, hook=counted_hook, **opts)
     return out, counter.calls

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from .calls import evaluate
 from .errors import InvalidRequest
 from .hooks import report
 from .ode import ancestral_step
@@ -41,7 +42,7 @@ def euler_maruyama(model, x, sigmas, cond=None, *, noise=None, hook=None, eta: f
     steps = len(sigmas) - 1
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, s, cond)
+        denoised = yield evaluate(model, x, s, cond)
         x = denoised if t == 0 else reverse_sde_step(x, denoised, s, t, 2 * eta * s, noise)
         report(hook, i, steps, s, t, x, denoised)
     return x
@@ -65,7 +66,7 @@ def ddpm(model, x, sigmas, cond=None, *, noise=None, hook=None):
     steps = len(sigmas) - 1
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, s, cond)
+        denoised = yield evaluate(model, x, s, cond)
         x = ddpm_step(x, denoised, s, t, noise)
         report(hook, i, steps, s, t, x, denoised)
     return x
@@ -81,7 +82,7 @@ def dpmpp_2m_sde(model, x, sigmas, cond=None, *, noise=None, hook=None):
     old_denoised, h_last = None, None
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, s, cond)
+        denoised = yield evaluate(model, x, s, cond)
         if t == 0:
             x = denoised
         else:

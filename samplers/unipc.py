@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .calls import evaluate
 from .errors import InvalidRequest
 from .hooks import report
 from .registry import Option, register
@@ -67,7 +68,7 @@ def unipc(model, x, sigmas, cond=None, *, noise=None, hook=None, order: int = 2,
     x_prev, prev_order = None, 0
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, sigmas[i], cond)
+        denoised = yield evaluate(model, x, sigmas[i], cond)
         lam_s = -math.log(s)
         if corrector and x_prev is not None:
             x = _unipc_update(x_prev, history, lam_s, s / float(sigmas[i - 1]), prev_order, variant, denoised)

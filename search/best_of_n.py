@@ -33,7 +33,7 @@ def best_of_n(model: CountedModel, verifier, *, steps: int, cond, streams: Strea
         k = min(batch, n - done)
         x = streams.particles(k, "initial").randn(model.shape) * initial_scale(model)
         noise = streams.particles(k, "sde") if stochastic else None
-        x0 = rollout(sampler, model, x, sigmas, expand_cond(cond, g, k), noise, tracker.tick)
+        x0 = yield from rollout.machine(sampler, model, x, sigmas, expand_cond(cond, g, k), noise, tracker.tick)
         tracker.offer(x0, score_with(verifier, budget, x0, expand_cond(cond, g, k)), f"candidates {done}-{done + k}")
         done += k
     return tracker.result(streams.seeds)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from samplers.calls import NetworkCall, evaluate
 from samplers.denoiser import NULL_LABEL
 from samplers.errors import BudgetExceeded
 
@@ -71,15 +72,15 @@ class _PassCounter:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, x, sigma, cond=None):
+    def network_call(self, x, sigma, cond=None) -> NetworkCall:
         self.budget.count_passes(x.shape[0])
-        return self.model(x, sigma, cond)
+        return evaluate(self.model, x, sigma, cond)
 
 
 class CountedModel:
     """The denoiser a search sees: guided at `guidance`, charging NFE to `budget` before every call.
 
-    ``model(x, sigma, cond)`` is the (guided) data prediction, 1 NFE per row.  ``pair`` returns the
+    ``evaluate(model, x, sigma, cond)`` is the (guided) data prediction, 1 NFE per row.  ``pair`` returns the
     conditional and unconditional predictions separately (FKC's guidance weights need both), also
     1 NFE per row: it is the same two passes classifier-free guidance makes.  ``experts`` evaluates the
     model under two labels (a product of experts), 2 NFE per row: two distinct predictions.
@@ -99,23 +100,26 @@ class CountedModel:
     def __getattr__(self, name):  # process, shape, sigma_min/max, num_classes, kind of the wrapped model
         return getattr(self.base, name)
 
+    def network_call(self, x, sigma, cond=None) -> NetworkCall:
+        self.budget.charge(x.shape[0])
+        return evaluate(self._guided, x, sigma, cond)
+
     def __call__(self, x, sigma, cond=None):
-        self.budget.charge(x.shape[0])
-        return self._guided(x, sigma, cond)
+        return self.network_call(x, sigma, cond).run()
 
-    def pair(self, x, sigma, cond):
-        """(D(x | cond), D(x | no class)) in one batched forward; 1 NFE per row."""
-        self.budget.charge(x.shape[0])
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        both = self._passes(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                            torch.cat([cond, torch.full_like(cond, NULL_LABEL)]))
-        return both.chunk(2)
+    def pair(self, x, sigma, cond) -> NetworkCall:
+        """The call of (D(x | cond), D(x | no class)) in one batched forward; 1 NFE per row."""
+        return self._two(x, sigma, cond, torch.full_like(cond, NULL_LABEL), x.shape[0])
 
-    def experts(self, x, sigma, cond_a, cond_b):
-        """(D(x | cond_a), D(x | cond_b)) in one batched forward; 2 NFE per row."""
-        self.budget.charge(2 * x.shape[0])
+    def experts(self, x, sigma, cond_a, cond_b) -> NetworkCall:
+        """The call of (D(x | cond_a), D(x | cond_b)) in one batched forward; 2 NFE per row."""
+        return self._two(x, sigma, cond_a, cond_b, 2 * x.shape[0])
+
+    def _two(self, x, sigma, cond_a, cond_b, nfe: int) -> NetworkCall:
+        self.budget.charge(nfe)
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        return self._passes(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond_a, cond_b])).chunk(2)
+        both = evaluate(self._passes, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond_a, cond_b]))
+        return both.then(lambda out: out.chunk(2))
 
 
 def score_with(verifier, budget: Budget, x0: torch.Tensor, cond) -> torch.Tensor:

@@ -90,7 +90,8 @@ def evosearch(model: CountedModel, verifier, *, steps: int, cond, streams: Strea
 
     def run(x, lo, hi, k):
         c = expand_cond(cond, g_n, k)
-        return rollout(sampler, model, x, sigmas[lo:hi + 1], c, streams.particles(k, "sde"), tracker.tick, opts)
+        return (yield from rollout.machine(sampler, model, x, sigmas[lo:hi + 1], c, streams.particles(k, "sde"),
+                                          tracker.tick, opts))
 
     def score(x0, k, event):
         r = score_with(verifier, budget, x0, expand_cond(cond, g_n, k))
@@ -101,16 +102,16 @@ def evosearch(model: CountedModel, verifier, *, steps: int, cond, streams: Strea
     x = streams.particles(k, "initial").randn(shape) * initial_scale(model)
     ends = list(e) + [steps]
     if not e:  # no generation fits: best-of-N with the SDE sampler
-        score(run(x, 0, steps, k), k, "best-of-n")
+        score((yield from run(x, 0, steps, k)), k, "best-of-n")
         return tracker.result(streams.seeds)
-    x = run(x, 0, e[0], k)
+    x = yield from run(x, 0, e[0], k)
     archive = [[] for _ in e]  # per generation: list of ((G, k, ...) states, pending index)
     rewards = [[] for _ in e]
     for g in range(len(e)):
         pending, y = [g], x
         archive[g].append(x.reshape(g_n, k, *shape))
         for h in range(g, len(e)):
-            y = run(y, ends[h], ends[h + 1], k)
+            y = yield from run(y, ends[h], ends[h + 1], k)
             if h + 1 < len(e):
                 archive[h + 1].append(y.reshape(g_n, k, *shape))
                 pending.append(h + 1)
@@ -126,6 +127,6 @@ def evosearch(model: CountedModel, verifier, *, steps: int, cond, streams: Strea
         else:
             mutants = mutants + step_noise_std(sampler, float(sigmas[e[g] - 1]), float(sigmas[e[g]]), opts) * eps
         x = torch.cat([children[:, :m], mutants.reshape(g_n, k - m, *shape)], 1).reshape(-1, *shape)
-        x = run(x, e[g], ends[g + 1], k)
+        x = yield from run(x, e[g], ends[g + 1], k)
     score(x, k, "final population")
     return tracker.result(streams.seeds)

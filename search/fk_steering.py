@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from samplers.calls import evaluate
 from samplers.errors import InvalidRequest
 from samplers.sde import ddpm_step
 
@@ -49,7 +50,7 @@ def fk_steering(model: CountedModel, verifier, *, steps: int, cond, streams: Str
     log_w, log_prod, r_prev, r_acc = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
-        x0 = model(x, s, c)
+        x0 = yield evaluate(model, x, s, c)
         x = x0 if t == 0 else ddpm_step(x, x0, s, t, noise)
         final = i == steps - 1
         if not (final or (i >= start and (i - start) % interval == 0)):

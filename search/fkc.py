@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from samplers.calls import evaluate, step_machine
 from samplers.errors import InvalidRequest
 
 from .budget import CountedModel, score_with
@@ -63,6 +64,7 @@ def _sq(v: torch.Tensor) -> torch.Tensor:
     return v.double().flatten(1).pow(2).sum(1)
 
 
+@step_machine
 def fkc_particles(model: CountedModel, *, steps: int, cond, streams: Streams, particles: int, target: str = "cfg",
                   beta: float = 2.0, sde: str = "target_score", cond_b=None, grid: str = "karras",
                   ess_threshold: float = 1.0, clamp: float = 0.0, reweight: bool = True,
@@ -111,16 +113,16 @@ def fkc_particles(model: CountedModel, *, steps: int, cond, streams: Streams, pa
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         d = s - s_next
         if target == "cfg":
-            d_c, d_u = model.pair(x, s, c)
+            d_c, d_u = yield model.pair(x, s, c)
             s_c, s_u = (d_c - x) / s**2, (d_u - x) / s**2
             drift = (1 - b) * s_u + b * s_c
             dw = s * b * (b - 1) * _sq(s_u - s_c) * d
         elif target == "anneal":
-            sc = (model(x, s, c) - x) / s**2
+            sc = ((yield evaluate(model, x, s, c)) - x) / s**2
             drift = sc
             dw = s * b * (b - 1) * _sq(sc) * d
         else:
-            d_a, d_b = model.experts(x, s, c, cb)
+            d_a, d_b = yield model.experts(x, s, c, cb)
             s1, s2 = (d_a - x) / s**2, (d_b - x) / s**2
             drift = s1 + s2
             dw = (s * b * (b - 1) * _sq(s1 + s2) + 2 * s * b * (s1.double() * s2.double()).flatten(1).sum(1)) * d
@@ -171,10 +173,10 @@ def fkc(model: CountedModel, verifier, *, steps: int, cond, streams: Streams, tr
     cond_b = None if second_class < 0 else torch.full((g_n,), second_class, dtype=torch.int64)
     # FKC-CFG evaluates the conditional and unconditional predictions itself (CountedModel.pair), so a
     # guidance scale on the request only supplies the default beta.
-    x, log_w, resamplings = fkc_particles(model, steps=steps, cond=cond, streams=streams, particles=k, target=target,
-                                          beta=beta, sde=sde, cond_b=cond_b, grid=grid, ess_threshold=ess_threshold,
-                                          clamp=clamp, reweight=reweight,
-                                          discretization=discretization, tick=tracker.tick)
+    x, log_w, resamplings = yield from fkc_particles.machine(
+        model, steps=steps, cond=cond, streams=streams, particles=k, target=target, beta=beta, sde=sde, cond_b=cond_b,
+        grid=grid, ess_threshold=ess_threshold, clamp=clamp, reweight=reweight, discretization=discretization,
+        tick=tracker.tick)
     tracker.trace.append({"event": "particles", "particles": k, "resamplings": resamplings, "beta": beta})
     c = expand_cond(cond, g_n, k)
     if select == "verifier" and verifier is not None:

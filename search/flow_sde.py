@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from samplers.calls import evaluate, step_machine
+
 F64 = torch.float64
 
 
@@ -62,25 +64,27 @@ def kappa(interp, s) -> torch.Tensor:
     return sigma / alpha
 
 
+@step_machine
 def linear_velocity(model, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
     """u_t(x) on the linear path from the denoiser: x0_hat = D(x / (1 - t), t / (1 - t)), u = (x - x0_hat) / t."""
     t = torch.as_tensor(t, dtype=F64).expand(x.shape[0])
-    x0 = model(x / _b(1 - t, x), t / (1 - t), cond)
+    x0 = yield evaluate(model, x / _b(1 - t, x), t / (1 - t), cond)
     return (x - x0) / _b(t, x)
 
 
+@step_machine
 def velocity(model, interp, x: torch.Tensor, s: torch.Tensor, cond=None) -> torch.Tensor:
     """u_bar_s(x) on `interp` from the model's linear-path velocity (Eq. 11; identity for Linear)."""
     s = torch.as_tensor(s, dtype=F64).expand(x.shape[0])
     if isinstance(interp, Linear):
-        return linear_velocity(model, x, s, cond)
+        return (yield from linear_velocity.machine(model, x, s, cond))
     a, sg, da, dsg = interp.coefficients(s)
     t = sg / (a + sg)  # rho^-1 of the linear path at the SNR of (a, sg)
     c = a + sg  # sigma_bar / sigma_t
     # t_dot = sigma_t^2 (sg da - a dsg) / (sg^2 (sigma_t alpha_dot_t - alpha_t sigma_dot_t)), the last factor -1.
     t_dot = -(t**2) * (sg * da - a * dsg) / sg**2
     c_dot = (t * dsg - sg * t_dot) / t**2  # (sigma_t sg_dot - sg sigma_dot_t t_dot) / sigma_t^2
-    u = linear_velocity(model, x / _b(c, x), t, cond)
+    u = yield from linear_velocity.machine(model, x / _b(c, x), t, cond)
     return _b(c_dot / c, x) * x + _b(c * t_dot, x) * u
 
 
@@ -142,6 +146,7 @@ def largest_time(interp, kappa_max: float) -> float:
     return lo
 
 
+@step_machine
 def converted_sde(model, x, times: torch.Tensor, interp, g_kind: str = "square", g_norm: float = 3.0, cond=None,
                   noise=None):
     """Sample the converted SDE over `times` without any search (every proposal accepted); returns the
@@ -149,11 +154,11 @@ def converted_sde(model, x, times: torch.Tensor, interp, g_kind: str = "square",
     deterministic x0_hat of the state before it (as the samplers' final step to sigma = 0)."""
     times = torch.as_tensor(times, dtype=F64)
     last = len(times) - 1 if float(times[-1]) > 0 else len(times) - 2
-    u = velocity(model, interp, x, times[0], cond)
+    u = yield from velocity.machine(model, interp, x, times[0], cond)
     for i in range(last):
         g = diffusion_coefficient(g_kind, g_norm, times[i])
         z = noise.randn_like(x) if noise is not None else torch.zeros_like(x)
         x = sde_step(interp, x, u, times[i], times[i + 1], g, z)
-        u = velocity(model, interp, x, times[i + 1], cond)
+        u = yield from velocity.machine(model, interp, x, times[i + 1], cond)
     return x, tweedie(interp, x, u, times[last])
 

@@ -4,7 +4,7 @@ scored by a text verifier such as `text-words`."""
 from __future__ import annotations
 
 from samplers.errors import InvalidRequest
-from samplers.masked import all_masked, run_masked_sampler
+from samplers.masked import all_masked, masked_sampler_machine
 
 from .budget import CountedModel, score_with
 from .core import Streams, Tracker
@@ -31,9 +31,10 @@ def best_of_n_masked(model: CountedModel, verifier, *, steps: int, cond, streams
     while done < n:
         k = min(batch, n - done)
         tokens = all_masked(base, g * k, length)
-        out, nfe = run_masked_sampler(sampler, base, tokens, steps=None if sampler == "first_hitting" else steps,
-                                      cond=None if cond is None else list(cond.repeat_interleave(k).tolist()),
-                                      noise=streams.particles(k, "masked"))
+        labels = None if cond is None else list(cond.repeat_interleave(k).tolist())
+        out, nfe = yield from masked_sampler_machine(sampler, base, tokens, cond=labels,
+                                                     steps=None if sampler == "first_hitting" else steps,
+                                                     noise=streams.particles(k, "masked"))
         spent = int(nfe.reshape(g, k).sum(1).max())
         budget.charge(g * spent)
         budget.count_passes(g * spent)

@@ -86,7 +86,7 @@ def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, 
                           "times": [round(float(t), 6) for t in times]})
 
     def propose_eval(x, s, c):
-        u = velocity(model, interp, x, s, c)
+        u = yield from velocity.machine(model, interp, x, s, c)
         x0 = tweedie(interp, x, u, s)
         return u, x0, score_with(verifier, budget, x0, c)
 
@@ -94,7 +94,7 @@ def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, 
     m = max(init, 1)
     c_init = expand_cond(cond, g_n, n * m)
     x = streams.particles(n * m, "initial").randn(shape).to(torch.float64)
-    u, x0, r = propose_eval(x, times[0].expand(len(x)), c_init)
+    u, x0, r = yield from propose_eval(x, times[0].expand(len(x)), c_init)
     tracker.offer(x0, r, "initial noise")
     best = r.reshape(g_n * n, m).argmax(1) + torch.arange(g_n * n) * m
     x, u, x0, r_star = x[best], u[best], x0[best], r[best]
@@ -110,7 +110,7 @@ def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, 
         s, s_next = times[step], times[step + 1]
         g = diffusion_coefficient(diffusion, diffusion_norm, s)
         y = sde_step(interp, x, u, s, s_next, g, noise.randn_like(x))
-        u_y, x0_y, r_y = propose_eval(y, s_next, c)
+        u_y, x0_y, r_y = yield from propose_eval(y, s_next, c)
         tracker.offer(x0_y, r_y, None)
         better = r_y > cand_r  # best proposal of the current step
         for buf, new in zip(cand, (y, u_y, x0_y)):
@@ -145,7 +145,8 @@ def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, 
     lam = torch.linspace(-math.log(k_start), -math.log(float(model.sigma_min)), finish_steps + 1, dtype=torch.float64)
     sigmas = torch.cat([torch.exp(-lam[:-1]), torch.zeros(1, dtype=torch.float64)])
     c_out = None if cond is None else torch.as_tensor(cond).reshape(g_n)
-    out = rollout("dpmpp_2m", model, (x[pick] / a).to(torch.float32), sigmas, c_out, None, tracker.tick)
+    start = (x[pick] / a).to(torch.float32)
+    out = yield from rollout.machine("dpmpp_2m", model, start, sigmas, c_out, None, tracker.tick)
     rewards = score_with(verifier, budget, out, c_out)
     tracker.offer(out, rewards, "finished")
     return tracker.result(streams.seeds, samples=out, rewards=rewards)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from samplers.calls import StepMachine, step_machine
 from samplers.errors import InvalidRequest
 from samplers.grids import GRIDS
 from samplers.noise import MAX_SEED
@@ -149,15 +150,19 @@ def validate_search(method: str, budget_nfe: int, options: dict[str, Any] | None
     return spec, opts
 
 
+@step_machine
 def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seeds: Sequence[int],
                steps: int | None = DEFAULT_STEPS,
                guidance: float | None = None, options: dict[str, Any] | None = None,
-               hook: SearchHook | None = None, kind: str | None = None, trace: bool = True) -> SearchResult:
+               hook: SearchHook | None = None, kind: str | None = None, trace: bool = True
+               ) -> StepMachine[SearchResult]:
     """Run search `method` once per seed (batched), each with `budget_nfe` NFE, on `model` (a Denoiser in
     VE coordinates, guided at `guidance` with CFG counted as 1 NFE), `steps` (None = 10) per trajectory.
     `cond`: class labels, one per seed (or None).  The hook receives SearchProgress with the best-so-far
     of every search; it may raise Cancelled / DeadlineExceeded to stop.  A model call that would exceed
-    the budget raises BudgetExceeded (a bug in a method, never a user error)."""
+    the budget raises BudgetExceeded (a bug in a method, never a user error).  `run_search.machine` is the
+    same search as a step machine (samplers/calls.py), which the engine advances one network call at a
+    time; validation happens on its first advance."""
     kind = kind or getattr(model, "kind", None)
     steps = DEFAULT_STEPS if steps is None else steps
     spec, opts = validate_search(method, budget_nfe, options, kind, steps)
@@ -180,7 +185,8 @@ def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seed
     counted = CountedModel(model, budget, None if guidance is None else float(guidance))
     shape = getattr(model, "shape", None) or (opts.get("length") or model.length,)
     tracker = Tracker(method, budget, hook, shape, keep_trace=trace)
-    return spec.fn(counted, verifier, steps=steps, cond=cond, streams=Streams(seeds), tracker=tracker, **opts)
+    return (yield from spec.fn(counted, verifier, steps=steps, cond=cond, streams=Streams(seeds), tracker=tracker,
+                               **opts))
 
 
 def _describe_options(options: dict[str, SearchOption]) -> dict[str, dict]:

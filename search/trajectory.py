@@ -7,11 +7,12 @@ import math
 
 import torch
 
+from samplers.calls import StepMachine, step_machine
 from samplers.errors import InvalidRequest
 from samplers.grids import make_grid
 from samplers.noise import SampleNoise
 from samplers.ode import ancestral_step
-from samplers.registry import REGISTRY, run_sampler
+from samplers.registry import REGISTRY, sampler_machine
 
 
 def schedule(model, steps: int, grid: str = "uniform_lambda", final_zero: bool = True) -> torch.Tensor:
@@ -23,12 +24,13 @@ def sampler_nfe(name: str, steps: int) -> int:
     return REGISTRY[name].nfe(steps)
 
 
+@step_machine
 def rollout(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, cond, noise: SampleNoise | None,
-            tick=None, options: dict | None = None) -> torch.Tensor:
+            tick=None, options: dict | None = None) -> StepMachine[torch.Tensor]:
     """Run sampler `name` over a slice of the schedule (a valid schedule itself); returns x at its end."""
     if len(sigmas) < 2:
         return x
-    out, _ = run_sampler(name, model, x, sigmas, cond, noise=noise, hook=tick, options=options)
+    out, _ = yield from sampler_machine(name, model, x, sigmas, cond, noise=noise, hook=tick, options=options)
     return out
 
 
