@@ -1,7 +1,7 @@
 """Masked diffusion on text-mdm: first_hitting (FHS) against the MDLM ancestral sampler, float64 and float32.
 
 For every row: wall time per 128-token sample, NFE per sample, generative perplexity under the
-independent Kneser-Ney trigram evaluator (models/text_eval.py, fitted on the training split) and the mean
+independent Kneser-Ney trigram evaluator (training/text_eval.py, fitted on the training split) and the mean
 per-sample token entropy. Rows: `first_hitting`, and `mdlm` at N = 128, 512 and 10 L = 1280 with and
 without caching, each with float64 and float32 categorical sampling; the held-out text is the reference.
 All rows sample the same seeds in batches of BATCH on one thread, so timings compare like with like; on a
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from models import text_data, text_eval
+from training import text_data, text_eval
 from models.masked_lm import load_masked_lm
 from samplers.masked import all_masked, run_masked_sampler
 from samplers.noise import SampleNoise

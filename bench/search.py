@@ -87,7 +87,7 @@ def _diversity(samples: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _metrics(samples, labels, clf_a, clf_b):
-    from models.digits_fd import frechet_distance
+    from training.digits_fd import frechet_distance
 
     x = samples.float().clamp(-1, 1)
     with torch.no_grad():

@@ -1,15 +1,15 @@
 """Digit classifiers for the digits zoo: A (the reward model for search) and B (held-out evaluator).
 
-Both take images of shape (N, 1, 8, 8) in [-1, 1] (the scaling of :mod:`models.digits_data`) and return
+Both take images of shape (N, 1, 8, 8) in [-1, 1] (the scaling of :mod:`training.digits_data`) and return
 logits over the 10 digit classes. They are trained independently (different architectures, seeds and
-augmentation draws) by ``python -m models.recipes.digit_classifiers``, so a sampler that games A (search
+augmentation draws) by ``python -m training.digit_classifiers``, so a sampler that games A (search
 reward) is not automatically rewarded by B.
 
 * :class:`DigitClassifierA`: a plain VGG-style conv net (3x3 convs, ReLU, max-pool, flatten, MLP head),
   128-d penultimate layer.
 * :class:`DigitClassifierB`: a GroupNorm + GELU conv net with global average pooling, 64-d penultimate
   layer. Its ``features(x)`` (the penultimate activations) feed the digits Frechet distance
-  (:mod:`models.digits_fd`).
+  (:mod:`training.digits_fd`).
 
 Saved as ``config.json`` + ``model.safetensors``; load with :func:`load_classifier` (safetensors only).
 """

@@ -110,29 +110,6 @@ class MeanFlowNet(nn.Module):
         return self.forward(z, t, t - r, class_labels)
 
 
-@torch.no_grad()
-def meanflow_sample(
-    net: MeanFlowNet,
-    noise: torch.Tensor,
-    class_labels: torch.Tensor,
-    nfe: int = 1,
-    times: list[float] | None = None,
-) -> torch.Tensor:
-    """Reference sampler for evaluation: z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid 1 -> 0.
-
-    The serving samplers live in ``samplers/``; this one only exists so the recipe can measure its model.
-    """
-    if times is None:
-        times = [1.0 - i / nfe for i in range(nfe + 1)]
-    z = noise
-    b = z.shape[0]
-    for t_cur, t_next in zip(times[:-1], times[1:]):
-        t = torch.full((b,), float(t_cur), dtype=z.dtype, device=z.device)
-        r = torch.full((b,), float(t_next), dtype=z.dtype, device=z.device)
-        z = z - (t - r).view(-1, 1, 1, 1) * net.u(z, r, t, class_labels)
-    return z
-
-
 def save_meanflow_net(
     net: MeanFlowNet, out_dir: str | Path, extra_config: dict[str, Any] | None = None
 ) -> Path:

@@ -46,7 +46,7 @@ def save_masked_lm(path: Path, seed: int, full_size: bool = False) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=length, pad_token="[PAD]",
                                         unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     torch.manual_seed(seed)
-    if full_size:  # models/recipes/text_mdm.py ARCH over models/text_data.py's vocabulary and length
+    if full_size:  # training/text_mdm.py ARCH over training/text_data.py's vocabulary and length
         shape = dict(vocab_size=3000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=512)
     else:

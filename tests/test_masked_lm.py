@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import text_data, text_eval
+from training import text_data, text_eval
 from models.masked_lm import CheckpointError, load_masked_lm
 from samplers.masked import MaskedDenoiser, all_masked, run_masked_sampler
 from samplers.noise import SampleNoise

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import digits_data
+from training import digits_data
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 
@@ -57,7 +57,7 @@ def test_meanflow_jvp_matches_finite_difference(scale, eps, tol):
     shipped 1000 t input scale (about 1e-3 relative at best); with input scale 1 the check is much tighter.
     """
     from models.meanflow_net import MeanFlowNet
-    from models.recipes.digits_meanflow import meanflow_dudt
+    from training.digits_meanflow import meanflow_dudt
 
     torch.manual_seed(0)
     net = MeanFlowNet(t_embed_scale=scale, h_embed_scale=scale).double()
@@ -89,7 +89,7 @@ def test_meanflow_jvp_matches_finite_difference(scale, eps, tol):
 
 
 def test_meanflow_tr_sampler_orders_t_and_r():
-    from models.recipes.digits_meanflow import sample_tr
+    from training.digits_meanflow import sample_tr
 
     torch.manual_seed(0)
     for kind in ("v1", "v0", "jax", "uniform"):
@@ -119,7 +119,7 @@ def _check_unet_dir(out: Path, flow: bool) -> None:
 def test_ddpm_quick(tmp_path):
     from diffusers import DDPMScheduler
 
-    from models.recipes import digits_ddpm
+    from training import digits_ddpm
 
     out = digits_ddpm.main(["--quick", "--out", str(tmp_path)])
     _check_unet_dir(out, flow=False)
@@ -132,7 +132,7 @@ def test_ddpm_quick(tmp_path):
 def test_flow_quick(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from models.recipes import digits_flow
+    from training import digits_flow
 
     out = digits_flow.main(["--quick", "--out", str(tmp_path)])
     _check_unet_dir(out, flow=True)
@@ -144,7 +144,7 @@ def test_meanflow_teacher_replaces_the_conditional_velocity(monkeypatch):
     """With a teacher, the target at r = t is the teacher's velocity, so a student equal to the teacher has
     zero loss there; with v = eps - x (no teacher) the same student does not."""
     from models.meanflow_net import MeanFlowNet
-    from models.recipes import digits_meanflow
+    from training import digits_meanflow
 
     torch.manual_seed(0)
     teacher = MeanFlowNet(t_embed_scale=1.0, h_embed_scale=1.0).eval()
@@ -164,8 +164,11 @@ def test_meanflow_teacher_replaces_the_conditional_velocity(monkeypatch):
 
 
 def test_meanflow_quick(tmp_path):
-    from models.meanflow_net import load_meanflow_net, meanflow_sample
-    from models.recipes import digits_meanflow
+    import json
+
+    from models.meanflow_net import load_meanflow_net
+    from training import digits_meanflow
+    from training.evaluate import load_for_eval, sample
 
     out = digits_meanflow.main(["--quick", "--out", str(tmp_path)])
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -176,19 +179,28 @@ def test_meanflow_quick(tmp_path):
     labels = torch.tensor([0, 3, 9, 10])
     u = net.u(z, torch.zeros(4), torch.ones(4), labels)
     assert u.shape == z.shape and torch.isfinite(u).all()
+    # the card's numbers come from the served sampler: one NFE is z_0 = z_1 - u(z_1, 0, 1) on seeded noise
+    loaded = load_for_eval(out, "meanflow")
     for nfe in (1, 2):
-        x = meanflow_sample(net, z, labels, nfe=nfe)
-        assert x.shape == z.shape and torch.isfinite(x).all()
+        x, lab, used = sample(loaded, "meanflow", nfe, None, 4, seed=5)
+        assert used == nfe and x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+    from samplers import SampleNoise
+
+    z1 = SampleNoise(range(5, 9)).randn((1, 8, 8))
+    with torch.no_grad():
+        expected = z1 - net.u(z1, torch.zeros(4), torch.ones(4), torch.arange(4) % 10)
+    torch.testing.assert_close(sample(loaded, "meanflow", 1, None, 4, seed=5)[0], expected)
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("meanflow", 1)]
 
 
 def test_meanflow_quick_with_teacher(tmp_path):
     import json
 
-    from models.recipes import digits_meanflow
+    from training import digits_meanflow
 
     flow = ZOO / "digits-flow"
-    if not (flow / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        pytest.skip("zoo/digits-flow is not in this checkout")
+    _require(flow / "unet" / "diffusion_pytorch_model.safetensors")
     out = digits_meanflow.main(["--quick", "--out", str(tmp_path), "--teacher", str(flow)])
     info = json.loads((out / "train_info.json").read_text())
     assert info["teacher"] == str(flow) and info["train_steps"] == digits_meanflow.QUICK_STEPS
@@ -197,7 +209,7 @@ def test_meanflow_quick_with_teacher(tmp_path):
 
 def test_classifiers_quick(tmp_path):
     from models.classifiers import load_classifier
-    from models.recipes import digit_classifiers
+    from training import digit_classifiers
 
     root = digit_classifiers.main(["--quick", "--out", str(tmp_path)])
     x = torch.rand(5, 1, 8, 8) * 2 - 1
@@ -212,7 +224,7 @@ def test_classifiers_quick(tmp_path):
 
 def test_fd_backends_agree_and_floor_is_small(tmp_path):
     from models.classifiers import DigitClassifierB
-    from models.digits_fd import frechet_distance
+    from training.digits_fd import frechet_distance
 
     torch.manual_seed(0)
     clf = DigitClassifierB().eval()
@@ -229,11 +241,15 @@ def test_fd_backends_agree_and_floor_is_small(tmp_path):
 # ---------------------------------------------------------------- shipped zoo
 
 
+def _require(path: Path) -> None:
+    """The zoo's weights are tracked in git: a missing file is a broken checkout, not a reason to skip."""
+    assert path.is_file(), f"{path} is missing (the zoo is tracked in git)"
+
+
 @pytest.mark.parametrize("name", ["digit-classifier-a", "digit-classifier-b"])
 def test_zoo_classifier_heldout_accuracy(name):
     d = ZOO / name
-    if not (d / "model.safetensors").is_file():
-        pytest.skip(f"{d} not present")
+    _require(d / "model.safetensors")
     from models.classifiers import load_classifier
 
     clf = load_classifier(d)
@@ -246,15 +262,15 @@ def test_zoo_classifier_heldout_accuracy(name):
 def test_zoo_generative_models_load():
     from diffusers import UNet2DModel
 
+    from models.meanflow_net import load_meanflow_net
+
     for name in ("digits-ddpm", "digits-flow"):
         d = ZOO / name / "unet"
-        if (d / "diffusion_pytorch_model.safetensors").is_file():
-            unet = UNet2DModel.from_pretrained(d)
-            assert unet.config.num_class_embeds == 11
+        _require(d / "diffusion_pytorch_model.safetensors")
+        unet = UNet2DModel.from_pretrained(d)
+        assert unet.config.num_class_embeds == 11
     d = ZOO / "digits-meanflow"
-    if (d / "model.safetensors").is_file():
-        from models.meanflow_net import load_meanflow_net
-
-        net = load_meanflow_net(d)
-        x = net(torch.randn(2, 1, 8, 8), torch.ones(2), torch.ones(2), torch.tensor([1, 10]))
-        assert torch.isfinite(x).all()
+    _require(d / "model.safetensors")
+    net = load_meanflow_net(d)
+    x = net(torch.randn(2, 1, 8, 8), torch.ones(2), torch.ones(2), torch.tensor([1, 10]))
+    assert torch.isfinite(x).all()

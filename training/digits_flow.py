@@ -1,6 +1,6 @@
 """digits-flow: class-conditional rectified flow (velocity prediction) on the 8x8 digits (diffusers format).
 
-    python -m models.recipes.digits_flow [--quick] [--out DIR] [--steps N] [--eval-only]
+    python -m training.digits_flow [--quick] [--out DIR] [--steps N] [--eval-only]
 
 Same ``UNet2DModel`` as digits-ddpm (:mod:`models.digits_unet`, ``num_class_embeds=11``, 10 = null).
 Path: x_t = (1 - t) x0 + t eps (t = 0 data, t = 1 noise), target velocity v = eps - x0, the network's
@@ -11,7 +11,8 @@ guidance: v = v(x, null) + w (v(x, c) - v(x, null)). AdamW lr 1e-3, warm-up + co
 grad-clip 1, EMA 0.999 (saved).
 
 Writes ``unet/`` (safetensors), ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``, shift 1.0, 1000 train
-timesteps), ``train_info.json``, ``metrics.json``, README.md. The Euler sampler here is only for the card.
+timesteps), ``train_info.json``, ``metrics.json``, README.md. The card's numbers come from the served samplers
+(:mod:`training.evaluate`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-from models.digits_data import SPLIT_SEED, train_split
 from models.digits_unet import DIGITS_UNET_CONFIG, NULL_CLASS, build_digits_unet
-from models.recipes._common import (
+from training.common import (
     Logger,
     command_line,
     dir_size_mb,
@@ -38,7 +38,8 @@ from models.recipes._common import (
     train_loop,
     write_json,
 )
-from models.recipes._eval import eval_header, evaluate, format_rows
+from training.digits_data import SPLIT_SEED, train_split
+from training.evaluate import EvalConfig, eval_header, evaluate, format_rows
 
 NAME = "digits-flow"
 FULL_STEPS = 3000
@@ -69,42 +70,14 @@ def flow_loss(model: UNet2DModel, x0: torch.Tensor, y: torch.Tensor):
     return F.mse_loss(pred, eps - x0), {}
 
 
-def velocity(model: UNet2DModel, x: torch.Tensor, t: float, labels: torch.Tensor, w: float) -> torch.Tensor:
-    tt = torch.full((x.shape[0],), t * TIMESTEP_SCALE)
-    if w == 1.0:
-        return model(x, tt, class_labels=labels).sample
-    both = model(
-        torch.cat([x, x]),
-        torch.cat([tt, tt]),
-        class_labels=torch.cat([labels, torch.full_like(labels, NULL_CLASS)]),
-    ).sample
-    vc, vu = both.chunk(2)
-    return vu + w * (vc - vu)
-
-
-@torch.no_grad()
-def sample_euler(
-    model: UNet2DModel, noise: torch.Tensor, labels: torch.Tensor, steps: int = 50, w: float = 1.0
-):
-    """Euler on the uniform grid t = 1 -> 0 (FlowMatchEulerDiscreteScheduler with shift 1)."""
-    x = noise
-    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        x = x + (t_next - t) * velocity(model, x, t, labels, w)
-    return x
-
-
-def eval_configs(quick: bool):
+def eval_configs(quick: bool) -> list[EvalConfig]:
     if quick:
         return [("euler", 2, 2.0)]
     return [("euler", 50, w) for w in (1.0, 1.5, 2.0)] + [("euler", s, 1.0) for s in (1, 2, 4, 10)]
 
 
-def run_eval(model: UNet2DModel, quick: bool, n_eval: int | None, log: Logger) -> dict:
-    def sample(kind, steps, w, noise, labels, g):
-        return sample_euler(model, noise, labels, steps, w), steps * (1 if w == 1.0 else 2)
-
-    return evaluate(sample, eval_configs(quick), quick=quick, n_eval=n_eval, log=log)
+def run_eval(out: Path, quick: bool, n_eval: int | None, log: Logger) -> dict:
+    return evaluate(out, "flow", eval_configs(quick), quick=quick, n_eval=n_eval, log=log)
 
 
 CARD = """# digits-flow
@@ -113,7 +86,7 @@ Class-conditional rectified-flow model (velocity prediction) on the scikit-learn
 format.
 
 - **Data**: `sklearn.datasets.load_digits`, scaled to [-1, 1], shape (1, 8, 8). Trained on the fixed
-  stratified 80% split of `models/digits_data.py` (1438 images, split seed {split_seed}); the 20%
+  stratified 80% split of `training/digits_data.py` (1438 images, split seed {split_seed}); the 20%
   held-out split (359 images) is never trained on and is the FD reference.
 - **Architecture**: diffusers `UNet2DModel` (`unet/config.json`), the same as digits-ddpm: block_out_channels
   {boc}, layers_per_block {lpb}, no attention, `num_class_embeds=11` (labels 0..9, **10 = null** for
@@ -177,7 +150,6 @@ def main(argv: list[str] | None = None) -> Path:
     seed_everything(args.seed, args.threads)
     log(f"{NAME}: writing to {out}; {env_summary()}")
     if args.eval_only:
-        model = UNet2DModel.from_pretrained(out / "unet").eval()
         info = read_json(out / "train_info.json")
     else:
         steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
@@ -203,7 +175,7 @@ def main(argv: list[str] | None = None) -> Path:
             {"params": n_params(model), "p_uncond": P_UNCOND, "null_class": NULL_CLASS, "env": env_summary()}
         )
         write_json(out / "train_info.json", info)
-    metrics = run_eval(model, args.quick, args.n_eval, log)
+    metrics = run_eval(out, args.quick, args.n_eval, log)
     write_json(out / "metrics.json", metrics)
     write_card(out, info, metrics)
     log(f"done -> {out}")

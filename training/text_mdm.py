@@ -7,8 +7,8 @@ divided by the length (nats per token). SUBS parameterisation: the mask token an
 tokens get logit -inf, so p_theta only ever puts mass on real tokens. The network never sees t (a
 time-agnostic masked model, which is all an MDM needs: Zheng et al. 2024, arXiv 2409.02908).
 
-    python -m models.recipes.text_mdm            # full run on one CPU thread, into zoo/text-mdm
-    python -m models.recipes.text_mdm --quick    # a few steps into a temporary directory (CI)
+    python -m training.text_mdm            # full run on one CPU thread, into zoo/text-mdm
+    python -m training.text_mdm --quick    # a few steps into a temporary directory (CI)
 
 Same seed, same torch build, one thread -> the same weights.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models import text_data
+from training import text_data
 
-ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo" / "text-mdm"
+ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo" / "text-mdm"
 SEED = 0
 T_EPS = 1e-3  # smallest masking ratio: the 1/t weight is unbounded at 0 (MDLM samples t from [eps, 1])
 
@@ -158,14 +158,14 @@ Loaded by `models.masked_lm.load_masked_lm` (transformers `ModernBertForMaskedLM
 ## Data
 
 The documentation topics that ship with CPython (`pydoc_data.topics.topics`, the text of `help("assert")`
-and friends; Python {python}, corpus sha256 `{sha}`). Split by topic (models/text_data.py): {n_held} topics
+and friends; Python {python}, corpus sha256 `{sha}`). Split by topic (training/text_data.py): {n_held} topics
 held out ({heldout_tokens:,} tokens in {chunks} chunks of 128), the other {n_train} for training
 ({train_tokens:,} tokens). The byte-level BPE tokenizer (`tokenizers`) is trained on the training text only.
 Special tokens `<pad>`, `<unk>`, `<mask>` (ids 0-2) never occur in the text and are never sampled.
 
 ## Recipe
 
-`python -m models.recipes.text_mdm` (`--quick` for a few steps into a temporary directory). MDLM loss with
+`python -m training.text_mdm` (`--quick` for a few steps into a temporary directory). MDLM loss with
 the log-linear schedule: per sequence t ~ U(0.001, 1) stratified over the batch, each token masked with
 probability t, loss = (1/t) * cross-entropy summed over the masked tokens / 128 (nats per token; the mask
 and special tokens get logit -inf). AdamW (lr {lr}, betas 0.9/0.98, weight decay 0.01, {warmup} warmup

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ZOO = REPO_ROOT / "zoo"
 
 
 def parse_args(zoo_name: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog=f"python -m models.recipes.{zoo_name.replace('-', '_')}", description=description
+        prog=f"python -m training.{zoo_name.replace('-', '_')}", description=description
     )
     p.add_argument("--quick", action="store_true", help="a handful of steps into a temp (or --out) directory")
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default: zoo/{zoo_name}/)")
@@ -136,7 +136,7 @@ def dir_size_mb(path: Path) -> float:
 
 
 def command_line(zoo_name: str) -> str:
-    return f"python -m models.recipes.{zoo_name.replace('-', '_')}"
+    return f"python -m training.{zoo_name.replace('-', '_')}"
 
 
 def env_summary() -> str:

@@ -1,6 +1,6 @@
 """digits-ddpm: class-conditional eps-prediction DDPM on the 8x8 digits (diffusers format).
 
-    python -m models.recipes.digits_ddpm [--quick] [--out DIR] [--steps N] [--eval-only]
+    python -m training.digits_ddpm [--quick] [--out DIR] [--steps N] [--eval-only]
 
 Model: ``UNet2DModel`` of :mod:`models.digits_unet` with ``num_class_embeds=11`` (label 10 = null).
 Process: DDPM, linear betas 1e-4..0.02, 1000 training timesteps, x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps,
@@ -10,7 +10,7 @@ AdamW lr 1e-3, warm-up 200 steps + cosine, batch 128, grad-clip 1, EMA 0.999 (th
 
 Writes ``unet/`` (``save_pretrained(..., safe_serialization=True)``), ``scheduler/`` (``DDPMScheduler``
 config, prediction_type epsilon, clip_sample False), ``train_info.json``, ``metrics.json`` and README.md.
-The samplers below (DDIM, ancestral DDPM) only exist to measure the model for its card.
+The card's numbers come from the served samplers (:mod:`training.evaluate`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from models.digits_data import SPLIT_SEED, train_split
 from models.digits_unet import DIGITS_UNET_CONFIG, NULL_CLASS, build_digits_unet
-from models.recipes._common import (
+from training.common import (
     Logger,
     command_line,
     dir_size_mb,
@@ -37,7 +36,8 @@ from models.recipes._common import (
     train_loop,
     write_json,
 )
-from models.recipes._eval import eval_header, evaluate, format_rows
+from training.digits_data import SPLIT_SEED, train_split
+from training.evaluate import EvalConfig, eval_header, evaluate, format_rows
 
 NAME = "digits-ddpm"
 FULL_STEPS = 3000
@@ -70,74 +70,14 @@ def ddpm_loss(abar: torch.Tensor):
     return loss_fn
 
 
-def _eps(model: UNet2DModel, x: torch.Tensor, t: int, labels: torch.Tensor, w: float) -> torch.Tensor:
-    tt = torch.full((x.shape[0],), t, dtype=torch.long)
-    if w == 1.0:
-        return model(x, tt, class_labels=labels).sample
-    both = model(
-        torch.cat([x, x]),
-        torch.cat([tt, tt]),
-        class_labels=torch.cat([labels, torch.full_like(labels, NULL_CLASS)]),
-    ).sample
-    ec, eu = both.chunk(2)
-    return eu + w * (ec - eu)
-
-
-def _grid(num_train: int, steps: int) -> list[int]:
-    return torch.linspace(num_train - 1, 0, steps).round().long().tolist()
-
-
-@torch.no_grad()
-def sample_ddim(model, abar, noise, labels, steps=50, w=1.0) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) on timesteps linspace(999, 0, steps); the last step returns x0."""
-    x = noise
-    ts = _grid(len(abar), steps)
-    for i, t in enumerate(ts):
-        a_t = abar[t]
-        a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=abar.dtype)
-        eps = _eps(model, x, t, labels, w)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x
-
-
-@torch.no_grad()
-def sample_ancestral(model, abar, noise, labels, steps=100, w=1.0, generator=None) -> torch.Tensor:
-    """Ancestral DDPM on a strided grid: x_prev ~ q(x_prev | x_t, x0_hat) with the posterior variance."""
-    x = noise
-    ts = _grid(len(abar), steps)
-    for i, t in enumerate(ts):
-        a_t = abar[t]
-        a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=abar.dtype)
-        eps = _eps(model, x, t, labels, w)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        beta = 1 - a_t / a_prev
-        mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x
-        if i + 1 < len(ts):
-            var = (1 - a_prev) / (1 - a_t) * beta
-            x = mean + var.sqrt() * torch.randn(x.shape, generator=generator)
-        else:
-            x = mean
-    return x
-
-
-def eval_configs(quick: bool):
+def eval_configs(quick: bool) -> list[EvalConfig]:
     if quick:
         return [("ddim", 2, 2.0)]
-    return [("ddim", 50, w) for w in (1.0, 1.5, 2.0)] + [("ddim", 10, 1.0), ("ancestral", 100, 1.0)]
+    return [("ddim", 50, w) for w in (1.0, 1.5, 2.0)] + [("ddim", 10, 1.0), ("ddpm", 100, 1.0)]
 
 
-def run_eval(model: UNet2DModel, abar: torch.Tensor, quick: bool, n_eval: int | None, log: Logger) -> dict:
-    def sample(
-        kind: str, steps: int, w: float, noise: torch.Tensor, labels: torch.Tensor, g: torch.Generator
-    ):
-        if kind == "ddim":
-            return sample_ddim(model, abar, noise, labels, steps, w), steps * (1 if w == 1.0 else 2)
-        return sample_ancestral(model, abar, noise, labels, steps, w, generator=g), steps * (
-            1 if w == 1.0 else 2
-        )
-
-    return evaluate(sample, eval_configs(quick), quick=quick, n_eval=n_eval, log=log)
+def run_eval(out: Path, quick: bool, n_eval: int | None, log: Logger) -> dict:
+    return evaluate(out, "diffusion", eval_configs(quick), quick=quick, n_eval=n_eval, log=log)
 
 
 CARD = """# digits-ddpm
@@ -145,7 +85,7 @@ CARD = """# digits-ddpm
 Class-conditional DDPM (epsilon prediction) on the scikit-learn 8x8 digits, in diffusers format.
 
 - **Data**: `sklearn.datasets.load_digits`, scaled to [-1, 1], shape (1, 8, 8). Trained on the fixed
-  stratified 80% split of `models/digits_data.py` (1438 images, split seed {split_seed}); the 20%
+  stratified 80% split of `training/digits_data.py` (1438 images, split seed {split_seed}); the 20%
   held-out split (359 images) is never trained on and is the FD reference.
 - **Architecture**: diffusers `UNet2DModel` (`unet/config.json`): block_out_channels {boc}, layers_per_block
   {lpb}, DownBlock2D/UpBlock2D, no attention, GroupNorm 8, `num_class_embeds=11` (labels 0..9, **10 = null**
@@ -208,7 +148,6 @@ def main(argv: list[str] | None = None) -> Path:
     scheduler = make_scheduler()
     abar = scheduler.alphas_cumprod.float()
     if args.eval_only:
-        model = UNet2DModel.from_pretrained(out / "unet").eval()
         info = read_json(out / "train_info.json")
     else:
         steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
@@ -234,7 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
             {"params": n_params(model), "p_uncond": P_UNCOND, "null_class": NULL_CLASS, "env": env_summary()}
         )
         write_json(out / "train_info.json", info)
-    metrics = run_eval(model, abar, args.quick, args.n_eval, log)
+    metrics = run_eval(out, args.quick, args.n_eval, log)
     write_json(out / "metrics.json", metrics)
     write_card(out, info, metrics)
     log(f"done -> {out}")

@@ -1,6 +1,6 @@
 """Train the zoo's two digit classifiers: A (search reward) and B (held-out evaluator, digits-FD features).
 
-    python -m models.recipes.digit_classifiers [--quick] [--out DIR]
+    python -m training.digit_classifiers [--quick] [--out DIR]
 
 Writes ``DIR/digit-classifier-a/`` and ``DIR/digit-classifier-b/`` (default DIR: ``zoo/``; with --quick a
 temp directory). Both are trained on ``train_split()`` only, independently: different architectures
@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models.classifiers import DigitClassifierA, DigitClassifierB, load_classifier, save_classifier
-from models.digits_data import SPLIT_SEED, heldout_split, train_split
-from models.recipes._common import (
+from training.common import (
     BatchSampler,
     Logger,
     env_summary,
@@ -30,6 +29,7 @@ from models.recipes._common import (
     warmup_cosine,
     write_json,
 )
+from training.digits_data import SPLIT_SEED, heldout_split, train_split
 
 RECIPES = {
     # name: (constructor, seed offset, steps, batch, lr)
@@ -104,11 +104,11 @@ CARD = """# {name}
 Digit classifier **{role}** of the diffserve digits zoo.
 
 - **Data**: scikit-learn `load_digits` (8x8, 10 classes), scaled to [-1, 1]; trained on the fixed
-  stratified 80% split of `models/digits_data.py` (`train_split()`, 1438 images, split seed {split_seed});
+  stratified 80% split of `training/digits_data.py` (`train_split()`, 1438 images, split seed {split_seed});
   evaluated on the 20% held-out split (359 images), never trained on.
 - **Architecture**: `{cls}` in `models/classifiers.py` ({arch_desc}); {params:,} parameters;
   penultimate features: {nfeat}-d (`features(x)`). Input (N, 1, 8, 8) in [-1, 1], output logits (N, 10).
-- **Recipe**: `python -m models.recipes.digit_classifiers` (trains A and B; `--quick` for a smoke run).
+- **Recipe**: `python -m training.digit_classifiers` (trains A and B; `--quick` for a smoke run).
   AdamW lr {lr} (warm-up + cosine), batch {batch_size}, {train_steps} steps, label smoothing 0.05,
   random +-1 px shifts; seed {seed}. Training took {train_seconds} s ({env}).
 - **Held-out accuracy**: **{heldout_accuracy:.4f}** (train accuracy {train_accuracy:.4f}).
@@ -128,7 +128,7 @@ ROLES = {
         "B (held-out evaluator)",
         "four 3x3 conv + GroupNorm + GELU blocks, avg-pool, global average pool, fc64, fc10",
         "Use: evaluation only. Its 64-d penultimate features define the digits Frechet distance "
-        "(`models/digits_fd.py`) and its predictions the class accuracy of class-conditional samples. "
+        "(`training/digits_fd.py`) and its predictions the class accuracy of class-conditional samples. "
         "Never use it as a search reward or training signal.",
     ),
 }
@@ -137,7 +137,7 @@ ROLES = {
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args("digit-classifiers", "Train digit classifiers A and B.", argv)
     if args.out is None and not args.quick:
-        from models.recipes._common import ZOO
+        from training.common import ZOO
 
         args.out = ZOO
     root = resolve_out(args, "digit-classifiers")

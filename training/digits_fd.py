@@ -2,7 +2,7 @@
 
 ``digits_fd(samples)`` = Frechet distance between Gaussians fitted to classifier-B penultimate features
 (64-d, :meth:`models.classifiers.DigitClassifierB.features`) of ``samples`` and of a reference set
-(by default the 359 held-out real digits of :func:`models.digits_data.heldout_split`):
+(by default the 359 held-out real digits of :func:`training.digits_data.heldout_split`):
 
     FD = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from models.classifiers import load_classifier
-from models.digits_data import heldout_split, train_split
+from training.digits_data import heldout_split, train_split
 
 _ZOO = Path(__file__).resolve().parents[1] / "zoo"
 DEFAULT_CLASSIFIER_B = _ZOO / "digit-classifier-b"

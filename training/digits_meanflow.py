@@ -1,10 +1,10 @@
 """digits-meanflow: a class-conditional MeanFlow average-velocity model (Geng et al. 2025, arXiv 2505.13447).
 
-    python -m models.recipes.digits_meanflow [--quick] [--out DIR] [--steps N] [--eval-only]
+    python -m training.digits_meanflow [--quick] [--out DIR] [--steps N] [--eval-only]
         [--tr-sampler v1|v0|jax|uniform] [--omega W] [--kappa K] [--p P] [--init-from DIR]
         [--teacher DIR] [--time-scale S]
 
-The zoo model: ``python -m models.recipes.digits_meanflow --teacher zoo/digits-flow`` (3000 steps from scratch,
+The zoo model: ``python -m training.digits_meanflow --teacher zoo/digits-flow`` (3000 steps from scratch,
 about 33 minutes on one CPU core; the teacher-free default reaches the same 1-NFE quality, docs/models.md).
 
 Network: :class:`models.meanflow_net.MeanFlowNet` (the digits U-Net conditioned on t, on h = t - r through a
@@ -40,18 +40,19 @@ AdamW lr 1e-3 (warm-up + cosine), batch 128, grad-clip 1, EMA 0.999 (saved). ``-
 digits-flow U-Net into the net before training (the zero-initialised h-branch makes the start exactly that
 flow model); the default trains from scratch.
 
-Sampling (card numbers): z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid; 1 NFE: z_0 = z_1 - u(z_1, 0, 1).
+Sampling (card numbers): the served ``meanflow`` sampler (z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid;
+1 NFE: z_0 = z_1 - u(z_1, 0, 1)) through :mod:`training.evaluate`.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
-from models.digits_data import SPLIT_SEED, train_split
-from models.meanflow_net import MeanFlowNet, load_meanflow_net, meanflow_sample, save_meanflow_net
-from models.recipes._common import (
+from models.meanflow_net import MeanFlowNet, save_meanflow_net
+from training.common import (
     ZOO,
     Logger,
     classifier_b_dir,
@@ -66,7 +67,8 @@ from models.recipes._common import (
     train_loop,
     write_json,
 )
-from models.recipes._eval import eval_header, evaluate, format_rows
+from training.digits_data import SPLIT_SEED, train_split
+from training.evaluate import EvalConfig, eval_header, evaluate, format_rows, load_for_eval, sample
 
 NAME = "digits-meanflow"
 FULL_STEPS = 3000
@@ -76,6 +78,7 @@ LR = 1e-3
 P_UNCOND = 0.1
 NULL_CLASS = 10
 ADAPTIVE_C = 1e-3
+PROBE_SEED = 777
 
 
 def _logit_normal(n: int, mean: float, std: float) -> torch.Tensor:
@@ -176,36 +179,31 @@ def load_flow_init(net: MeanFlowNet, flow_dir: Path) -> None:
         )
 
 
-def eval_configs(quick: bool):
+def eval_configs(quick: bool) -> list[EvalConfig]:
     return [("meanflow", 1, None)] if quick else [("meanflow", k, None) for k in (1, 2, 4, 8)]
 
 
-def run_eval(net: MeanFlowNet, quick: bool, n_eval: int | None, log: Logger) -> dict:
-    def sample(kind, nfe, w, noise, labels, g):
-        return meanflow_sample(net, noise, labels, nfe=nfe), nfe
-
-    return evaluate(sample, eval_configs(quick), quick=quick, n_eval=n_eval, log=log)
+def run_eval(out: Path, quick: bool, n_eval: int | None, log: Logger) -> dict:
+    return evaluate(out, "meanflow", eval_configs(quick), quick=quick, n_eval=n_eval, log=log)
 
 
 def make_probe(n: int = 500):
-    """Quick 1-NFE digits-FD of the EMA net during training (n samples; a learning curve for the card)."""
+    """Quick 1- and 2-NFE digits-FD of the EMA net during training (n samples; a learning curve for the card),
+    sampled like the card's numbers: the net is saved to a scratch directory and loaded as the server would."""
     if not (classifier_b_dir() / "model.safetensors").is_file():
         return None
-    from models.digits_fd import frechet_distance, get_classifier_b
+    from training.digits_fd import frechet_distance, get_classifier_b
 
     clf = get_classifier_b(classifier_b_dir())
-    noise = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(777))
-    labels = torch.arange(n) % 10
 
     def probe(step: int, ema_net: MeanFlowNet) -> dict:
-        with torch.no_grad():
+        with tempfile.TemporaryDirectory(prefix="meanflow-probe-") as tmp:
+            save_meanflow_net(ema_net, tmp)
+            loaded = load_for_eval(Path(tmp), "meanflow")
             return {
                 f"fd_{k}nfe_n{n}": round(
-                    frechet_distance(
-                        meanflow_sample(ema_net, noise, labels, nfe=k).clamp(-1, 1), classifier=clf
-                    )["fd"],
-                    4,
-                )
+                    frechet_distance(sample(loaded, "meanflow", k, None, n, seed=PROBE_SEED)[0].clamp(-1, 1),
+                                     classifier=clf)["fd"], 4)
                 for k in (1, 2)
             }
 
@@ -218,7 +216,7 @@ Class-conditional **MeanFlow** average-velocity model (Geng et al. 2025, arXiv 2
 8x8 digits: one network call generates a digit.
 
 - **Data**: `sklearn.datasets.load_digits`, scaled to [-1, 1], shape (1, 8, 8). Trained on the fixed
-  stratified 80% split of `models/digits_data.py` (1438 images, split seed {split_seed}); the 20%
+  stratified 80% split of `training/digits_data.py` (1438 images, split seed {split_seed}); the 20%
   held-out split (359 images) is never trained on and is the FD reference.
 - **Architecture**: `models.meanflow_net.MeanFlowNet`: the digits `UNet2DModel` shape (block_out_channels
   {boc}, layers_per_block {lpb}, no attention) with `class_embed_type="identity"`; the wrapper adds, to
@@ -250,10 +248,12 @@ Class-conditional **MeanFlow** average-velocity model (Geng et al. 2025, arXiv 2
 ## Loading
 
 ```python
-from models.meanflow_net import load_meanflow_net, meanflow_sample
+from models.meanflow_net import load_meanflow_net
 net = load_meanflow_net("zoo/digits-meanflow")                 # config.json + model.safetensors
-x0 = meanflow_sample(net, torch.randn(16, 1, 8, 8), torch.arange(16) % 10, nfe=1)
+u = net.u(z, r, t, labels)                                      # u(z_t, r, t); labels: 0..9, 10 = null
 ```
+
+Served by the `meanflow` sampler: `diffserve generate --model digits-meanflow --sampler meanflow --steps 1`.
 """
 
 TR_DESC = {
@@ -383,7 +383,7 @@ def write_card(out: Path, info: dict, metrics: dict) -> None:
 def main(argv: list[str] | None = None) -> Path:
     import argparse
 
-    from models.recipes._common import parse_args
+    from training.common import parse_args
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--tr-sampler", default="v1", choices=sorted(TR_DESC))
@@ -410,7 +410,6 @@ def main(argv: list[str] | None = None) -> Path:
     seed_everything(args.seed, args.threads)
     log(f"{NAME}: writing to {out}; {env_summary()}; {vars(ex)}")
     if args.eval_only:
-        net = load_meanflow_net(out)
         info = read_json(out / "train_info.json")
     else:
         steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
@@ -469,7 +468,7 @@ def main(argv: list[str] | None = None) -> Path:
             },
         )
         write_json(out / "train_info.json", info)
-    metrics = run_eval(net, args.quick, args.n_eval, log)
+    metrics = run_eval(out, args.quick, args.n_eval, log)
     write_json(out / "metrics.json", metrics)
     write_card(out, info, metrics)
     log(f"done -> {out}")
