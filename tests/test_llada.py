@@ -79,6 +79,32 @@ def test_attention_is_bidirectional_and_grouped_heads_work():
     assert not torch.allclose(model(ids)[0, 0], model(later)[0, 0])  # position 0 sees the last token
 
 
+def test_forward_equals_transformers_llama_without_the_causal_mask():
+    """An independent implementation of the same network: transformers' Llama, causal mask removed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours = tiny_model(LLaDAConfig(**{**TINY.__dict__, "n_kv_heads": 2}))
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, rope_theta=10000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    llama = LlamaForCausalLM(config).eval()
+    state = {"model.embed_tokens.weight": ours.wte.weight, "model.norm.weight": ours.ln_f.weight,
+             "lm_head.weight": ours.ff_out.weight}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm", "self_attn.q_proj": "q_proj",
+             "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj", "self_attn.o_proj": "attn_out",
+             "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "ff_out"}
+    for i, block in enumerate(ours.blocks):
+        state |= {f"model.layers.{i}.{theirs}.weight": getattr(block, mine).weight for theirs, mine in names.items()}
+    llama.load_state_dict(state)
+    for layer in llama.model.layers:
+        layer.self_attn.is_causal = False
+    ids = torch.randint(0, 49, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), llama(input_ids=ids, attention_mask=torch.zeros(2, 1, 12, 12)).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 # --- LLaDA's generation algorithm, written from the paper (Sec. 2.4, App. B) as plain loops, batch of one ---
 
 def reference_generate(logits_fn, prompt, gen_length, steps, block_length, temperature, cfg_scale, remasking,
