@@ -48,6 +48,22 @@ class IdempotencyConflict(DiffservError):
     """An idempotency key was reused with a different request (-> ALREADY_EXISTS)."""
 
 
+class CannotStart(DiffservError):
+    """The server cannot start: its port is taken, or its local Redis data directory has another owner."""
+
+
+QUOTE_CHARS = 100
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """`value` for an error message: repr() of at most `limit` characters of it, with the full length
+    when cut, so a 1 MB model name comes back as ~120 bytes, never as the whole input."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 STATUS = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -18,6 +18,7 @@ log = logging.getLogger("diffserve.queue")
 class QueueRuntime:
     def __init__(self, config, run_dir: str | Path = "run", port: int | None = None):
         self.config, self.local, self.store, self.worker = config, None, None, None
+        self._lock = None
         self.why_unavailable = ""
         url = config.redis_url
         if url is None:
@@ -25,8 +26,13 @@ class QueueRuntime:
                 self.why_unavailable = HOW_TO_GET
                 log.warning("job queue disabled: %s", HOW_TO_GET)
                 return
-            port = port or (6379 if _port_free(6379) else None)
-            self.local = LocalRedis(Path(run_dir) / "redis", port=port).start()
+            data_dir = Path(run_dir) / "redis"
+            self._lock = lock_data_dir(data_dir)  # one owner: two Redis on one AOF directory corrupt each other
+            try:
+                self.local = LocalRedis(data_dir, port=port or stable_port(data_dir)).start()
+            except BaseException:
+                self._lock.close()
+                raise
             url = self.local.url
             log.info("started a local Redis for the job queue at %s (data in %s, AOF on); more workers: "
                      "diffserve worker --redis %s --config MODELS.toml", url, self.local.data_dir, url)
@@ -55,12 +61,57 @@ class QueueRuntime:
     def close(self) -> None:
         if self.local is not None:
             self.local.stop()
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+
+def lock_data_dir(data_dir: Path):
+    """An exclusive lock on `data_dir` for as long as the returned file stays open (held by this process)."""
+    import fcntl
+    import os
+
+    from ..errors import CannotStart
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "owner.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise CannotStart(f"the local Redis data directory {data_dir} belongs to another running server (pid "
+                          f"{owner}); stop it (`make stop`), or give this server --redis URL") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def stable_port(data_dir: Path) -> int:
+    """The local Redis port: the one used last time (kept in data_dir/port, so the worker URL the server
+    prints stays valid across restarts), else 6379 when free, else any free port."""
+    from .local import free_port
+
+    saved = data_dir / "port"
+    try:
+        port = int(saved.read_text())
+    except (OSError, ValueError):
+        port = 0
+    if not port or not _port_free(port):
+        if port:
+            log.warning("the local Redis port %d of the last run is taken; picking another", port)
+        port = 6379 if _port_free(6379) else free_port()
+    saved.write_text(f"{port}\n")
+    return port
 
 
 def _port_free(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT own nothing
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
