@@ -1,0 +1,259 @@
+"""What every latent pipeline family shares: component checks, the latent denoiser, prompt guidance, the VAE.
+
+A family module reads a diffusers pipeline directory once and returns a `LatentPipeline`: a conditioning
+stage (plain-Python tokenization + a batchable `encode` network), a `LatentDenoiser` in our contract
+(``model(x, sigma, cond) -> x0_hat`` in VE coordinates, ``cond`` a dict of per-sample tensors) and a
+batchable `decode` network (latents -> images in [-1, 1]).  Every network is split into a `NetworkCall`
+(samplers/calls.py) so the engine can batch requests with different prompts into one forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from samplers.calls import NetworkCall, evaluate
+from samplers.denoiser import PREDICTIONS
+from samplers.processes import Process
+
+from ..diffusers_loader import UnsupportedConfig
+from ..safety import require_safetensors
+
+NEG = "neg."  # prefix of the negative-prompt (unconditional) entries in a guided cond dict
+
+
+def read_model_index(directory: Path) -> dict:
+    path = Path(directory) / "model_index.json"
+    if not path.is_file():
+        raise UnsupportedConfig("model_index.json: missing; not a diffusers pipeline directory")
+    return json.loads(path.read_text())
+
+
+def component_class(index: dict, name: str) -> str | None:
+    """The class name model_index.json gives component `name` (None when absent or null)."""
+    value = index.get(name)
+    if not isinstance(value, list) or len(value) != 2 or value[1] is None:
+        return None
+    return str(value[1])
+
+
+def check_components(directory: Path, index: dict, allowed: dict[str, tuple[str, ...]], model: str,
+                     weights: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Refuse unsupported component classes and pickle-only weights, naming the component; never load code."""
+    found = {}
+    for name, classes in allowed.items():
+        cls = component_class(index, name)
+        if cls is None:
+            if name in optional:
+                found[name] = None
+                continue
+            raise UnsupportedConfig(f"model {model!r}: component {name!r} is missing from model_index.json")
+        if cls not in classes:
+            raise UnsupportedConfig(f"model {model!r}: component {name!r} has class {cls!r}, which diffserve "
+                                    f"does not load (supported: {', '.join(classes)})")
+        if name in weights:
+            require_safetensors(Path(directory) / name, f"model {model!r}: component {name!r}")
+        found[name] = cls
+    return found
+
+
+def load_component(cls, directory: Path, name: str, dtype: torch.dtype, device: str):
+    """from_pretrained with safetensors only and local files only; eval mode, no gradients."""
+    module = cls.from_pretrained(Path(directory) / name, use_safetensors=True, local_files_only=True,
+                                 torch_dtype=dtype)
+    return module.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(cls, directory: Path, name: str):
+    return cls.from_pretrained(Path(directory) / name, local_files_only=True)
+
+
+class EmbeddingCache:
+    """Bounded LRU of per-prompt conditioning rows (dict of tensors without the batch axis); thread-safe."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._rows: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            row = self._rows.get(key)
+            if row is not None:
+                self._rows.move_to_end(key)
+            return row
+
+    def put(self, key, row: dict) -> None:
+        with self._lock:
+            self._rows[key] = row
+            self._rows.move_to_end(key)
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def stack_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def split_rows(batch: dict[str, torch.Tensor]) -> list[dict]:
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+@dataclass(frozen=True, eq=False)
+class TextConditioner:
+    """Prompt -> per-sample conditioning: `tokenize` in plain Python, `encode(tokens)` one batched network."""
+
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]]
+    encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    cache: EmbeddingCache = field(default_factory=EmbeddingCache)
+
+    def encode_call(self, prompts: list[str]) -> NetworkCall:
+        """The batchable text-encoder call for `prompts` (rows of token ids), finished into rows on CPU."""
+        return NetworkCall(self.encode, (self.tokenize(list(prompts)),), split_rows)
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass(frozen=True, eq=False)
+class LatentDenoiser:
+    """Data prediction over latents in VE coordinates, around `net(x_t, timestep, cond) -> raw output`.
+
+    `net` is the batchable transformer / UNet call in its own coordinates (timestep = time_scale * t);
+    `finish` converts its eps / v / flow velocity to x0 (samplers/denoiser.py's adapters).  `latent_shape`
+    gives one sample's latent shape for an image size; `kind` is "diffusion" or "flow"."""
+
+    net: Callable
+    process: Process
+    prediction: str
+    latent_shape: Callable[[int, int], tuple[int, ...]]
+    kind: str = "diffusion"
+    time_scale: float = 1.0
+    shape: tuple[int, ...] | None = None  # the default size's latent shape
+    num_classes: int | None = None
+
+    @property
+    def sigma_min(self) -> float:
+        return self.process.kappa_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.process.kappa_max
+
+    def network_call(self, x: torch.Tensor, sigma, cond=None) -> NetworkCall:
+        """The raw network on x_t = alpha x at t(sigma), then the parameterization adapter to x0."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+        t = self.process.t_of_kappa(sigma)
+        return self._call(x * _bcast(self.process.alpha(t), x), t, cond, x.dtype)
+
+    def prior_call(self, noise: torch.Tensor, cond=None) -> NetworkCall:
+        """x0_hat from pure noise at t = 1 of a rectified flow (kappa = inf), where VE coordinates end."""
+        return self._call(noise, torch.ones(noise.shape[0], dtype=torch.float64), cond, noise.dtype)
+
+    def _call(self, x_t, t, cond, dtype) -> NetworkCall:
+        alpha = _bcast(self.process.alpha(t), x_t) if self.kind != "flow" else _bcast(1 - t, x_t)
+        sig = _bcast(self.process.sigma(t), x_t) if self.kind != "flow" else _bcast(t, x_t)
+        to_x0 = PREDICTIONS[self.prediction]
+        own = {k: v for k, v in (cond or {}).items() if not k.startswith(NEG)}
+        timestep = (t * self.time_scale).to(torch.float32)
+        return evaluate(self.net, x_t.to(torch.float32), timestep, own).then(
+            lambda out: _x0(to_x0, x_t, out.to(dtype), alpha, sig, self.process))
+
+    def __call__(self, x, sigma, cond=None):
+        return self.network_call(x, sigma, cond).run()
+
+
+def _x0(to_x0, x_t, out, alpha, sig, process):
+    if to_x0.__name__ == "velocity_to_x0":
+        return x_t - sig * out  # also valid at t = 1, where the VE adapter's process check is moot
+    return to_x0(x_t, out, alpha, sig, process)
+
+
+@dataclass(frozen=True, eq=False)
+class PromptGuidance:
+    """Classifier-free guidance over prompts (Ho & Salimans 2022, eq. 6): D_u + w (D_c - D_u).
+
+    The unconditional half uses the negative-prompt entries (``neg.*`` keys of cond); both halves run as
+    one batched network call, [cond | uncond] on the batch axis.  In data prediction this equals
+    diffusers' guidance on eps / v / velocity, since every adapter is affine in the network output."""
+
+    model: LatentDenoiser
+    scale: float
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def _both(self, x, cond):
+        pos = {k: v for k, v in cond.items() if not k.startswith(NEG)}
+        neg = {k[len(NEG):]: v for k, v in cond.items() if k.startswith(NEG)}
+        if set(neg) != set(pos):
+            raise ValueError("guidance needs negative-prompt conditioning for every conditioning entry")
+        return torch.cat([x, x]), {k: torch.cat([pos[k], neg[k]]) for k in pos}
+
+    def _combine(self, out):
+        d_cond, d_uncond = out.chunk(2)
+        return d_uncond + self.scale * (d_cond - d_uncond)
+
+    def network_call(self, x, sigma, cond) -> NetworkCall:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+        xx, both = self._both(x, cond)
+        return self.model.network_call(xx, torch.cat([sigma, sigma]), both).then(self._combine)
+
+    def prior_call(self, noise, cond) -> NetworkCall:
+        xx, both = self._both(noise, cond)
+        return self.model.prior_call(xx, both).then(self._combine)
+
+    def __call__(self, x, sigma, cond=None):
+        return self.network_call(x, sigma, cond).run()
+
+
+@dataclass(frozen=True, eq=False)
+class VaeDecoder:
+    """latents -> images in [-1, 1]: the VAE decoder on latents / scaling_factor + shift_factor."""
+
+    vae: torch.nn.Module
+    scaling_factor: float
+    shift_factor: float = 0.0
+    dtype: torch.dtype = torch.float32  # float32 where the family's VAE needs the upcast
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(torch.float32) / self.scaling_factor + self.shift_factor
+        device = next(self.vae.parameters()).device
+        with torch.inference_mode():
+            image = self.vae.decode(z.to(device=device, dtype=self.dtype)).sample
+        return image.float().clamp(-1, 1).cpu()
+
+    def decode_call(self, latents: torch.Tensor) -> NetworkCall:
+        return NetworkCall(self.decode, (latents,))
+
+
+def vae_decoder(vae, dtype: torch.dtype) -> VaeDecoder:
+    """The VAE's decode stage; float16 VAEs with `force_upcast` run in float32 (SDXL's overflow fix)."""
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae = vae.to(torch.float32)
+    shift = getattr(vae.config, "shift_factor", None)
+    return VaeDecoder(vae, float(vae.config.scaling_factor), float(shift or 0.0),
+                      torch.float32 if upcast else dtype)
+
+
+def flow_prior_step(x0_hat: torch.Tensor, noise: torch.Tensor, kappa_next: float) -> torch.Tensor:
+    """The first step from pure noise (t = 1) to kappa_next in VE coordinates: x = D + kappa_next eps.
+
+    At t = 1 the state is the noise itself, so eps_hat = noise and every first-order solver (Euler, DDIM,
+    DPM-Solver's first step) lands here exactly."""
+    if math.isinf(kappa_next):
+        raise ValueError("the step after the prior must have a finite noise level")
+    return x0_hat + kappa_next * noise

@@ -1,0 +1,60 @@
+"""The loaded form of every latent family: conditioning stage, latent denoiser, decoder and time grid."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from samplers.errors import InvalidRequest
+
+from .common import LatentDenoiser, TextConditioner, VaeDecoder
+from .schedule import Schedule
+
+
+@dataclass(frozen=True, eq=False)
+class LatentPipeline:
+    """One served latent model, read-only after loading (per-request state lives in the request machine).
+
+    `text` is None for class-conditional families (DiT), whose cond is {"class_labels": (N,)}.
+    `extra_cond(height, width, n)` adds per-sample conditioning that depends on the request (SDXL's
+    time ids, FLUX's distilled guidance, PixArt's resolution); `negative(n)` gives the negative-prompt
+    rows used when a request names none (None: encode the empty string)."""
+
+    name: str
+    family: str
+    text: TextConditioner | None
+    denoiser: LatentDenoiser
+    decoder: VaeDecoder
+    schedule: Schedule
+    factor: int  # image pixels per latent pixel
+    default_size: tuple[int, int]
+    default_steps: int = 50
+    default_guidance: float | None = 7.5
+    patch: int = 1  # latent pixels per token (dynamic shift counts tokens)
+    num_classes: int | None = None
+    extra_cond: Callable[[int, int, int, dict], dict] | None = None
+    negative: Callable[[int], dict] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def takes_prompt(self) -> bool:
+        return self.text is not None
+
+    def check_size(self, height: int, width: int) -> None:
+        step = self.factor * self.patch
+        for key, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < step or value % step:
+                raise InvalidRequest(f"{key}: {value!r} must be a positive multiple of {step} for model "
+                                     f"{self.name!r}")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return self.denoiser.latent_shape(height, width)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        return (height // self.factor // self.patch) * (width // self.factor // self.patch)
+
+    def grid(self, steps: int, sampler: str, height: int, width: int) -> torch.Tensor:
+        """Noise levels (VE kappa, decreasing, ending at 0 or the table's minimum) for one request."""
+        return self.schedule.grid(steps, sampler, self.image_seq_len(height, width))
