@@ -23,6 +23,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 10.0            # SIGTERM: how long in-flight requests may finish
     auth_token: str | None = None          # bearer token; health stays open
+    health_models_public: bool = False     # with a token: per-model health answers without it (names leak)
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None       # mTLS: require client certificates signed by this CA
