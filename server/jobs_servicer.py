@@ -7,7 +7,6 @@ import time
 
 from models.config import ConfigError
 from samplers.errors import InvalidRequest
-from samplers.registry import get_spec, validate
 
 from . import convert, protogen
 from . import queue_metrics as qm
@@ -15,6 +14,7 @@ from .errors import QueueUnavailable
 from .queue.codec import JobSpec
 from .queue.keys import IDEMPOTENCY_KEY, JOB_ID, PRIORITIES, STATES, TERMINAL
 from .queue.store import JobStore
+from .servicer import output_format
 
 WATCH_POLL_SECONDS = 0.2
 DEFAULT_PAGE, MAX_PAGE = 256, 4096
@@ -25,33 +25,6 @@ def job_id(text: str) -> str:
     if not JOB_ID.fullmatch(text or ""):
         raise InvalidRequest(f"id: {text[:40]!r} is not a job id (32 lowercase hex digits)")
     return text
-
-
-def validate_job(entry, served, req, fmt: int, pb, config) -> None:
-    """What SubmitJob can check before queueing (the workers check the rest, and fail the job at once
-    on an invalid request rather than retrying it)."""
-    if not 1 <= req.n <= config.queue_max_job_samples:
-        raise InvalidRequest(f"num_samples: {req.n} is outside [1, {config.queue_max_job_samples}] for a job")
-    if req.steps is not None and not 1 <= req.steps <= config.max_steps:
-        raise InvalidRequest(f"steps: {req.steps} is outside [1, {config.max_steps}]")
-    req.sample_seeds()
-    model = served.loaded.model
-    if entry.kind == "masked":
-        if fmt == pb.PNG:
-            raise InvalidRequest("format: masked models give TEXT or TENSOR output")
-        validate(req.sampler, req.steps or 1, req.options, "masked")
-        return
-    if fmt == pb.TEXT:
-        raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
-    kind = entry.kind
-    if kind == "meanflow" and "meanflow" not in get_spec(req.sampler).kinds:
-        kind = "flow"  # flow samplers run MeanFlow models on their boundary velocity
-    validate(req.sampler, req.steps, req.options, kind)
-    classes = getattr(model, "num_classes", None)
-    if req.class_label is not None and (classes is None or not 0 <= req.class_label < classes):
-        raise InvalidRequest(f"class_label: {req.class_label} is outside the model's classes")
-    if req.class_label is None and req.guidance not in (None, 1.0):
-        raise InvalidRequest("guidance: classifier-free guidance needs a class_label")
 
 
 def make_jobs_servicer(engine, store: JobStore | None, config, why_unavailable: str = ""):
@@ -87,7 +60,7 @@ def make_jobs_servicer(engine, store: JobStore | None, config, why_unavailable: 
     class JobsServicer(jgrpc.JobsServicer):
         def SubmitJob(self, request, context):
             jobs = queue()
-            entry, served = engine.model_info(request.request.model)
+            entry, _ = engine.model_info(request.request.model)
             if request.request.preview_every:
                 raise InvalidRequest("preview_every: jobs report progress through GetJob / WatchJob, not previews")
             key = request.idempotency_key
@@ -96,7 +69,7 @@ def make_jobs_servicer(engine, store: JobStore | None, config, why_unavailable: 
             if request.priority not in priorities:
                 raise InvalidRequest(f"priority: unknown value {request.priority}")
             req = convert.to_request(pb, request.request, entry)
-            validate_job(entry, served, req, request.request.format, pb, config)
+            engine.plan(entry.name, req, output=output_format(pb, request.request.format), job=True)
             spec = JobSpec(entry.name, req, request.request.format, config.queue_task_size)
             jid, created = jobs.submit(spec, config.queue_result_ttl, priorities[request.priority], key or None)
             if created:

@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 
+from samplers.errors import InvalidRequest
 from samplers.hooks import StepInfo
 
 from . import convert
@@ -25,54 +26,56 @@ def _deadline(context) -> float | None:
     return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
 
 
+def output_format(pb, fmt: int) -> str | None:
+    """The plan's name of a proto OutputFormat (None: the model's default); an unknown value is refused."""
+    names = {pb.OUTPUT_FORMAT_UNSPECIFIED: None, pb.PNG: "png", pb.TENSOR: "tensor", pb.TEXT: "text"}
+    if fmt not in names:
+        raise InvalidRequest(f"format: unknown value {fmt}; expected PNG, TENSOR or TEXT")
+    return names[fmt]
+
+
 def make_servicer(pb, pb_grpc, engine: Engine):
+    def progress_event(info, every: int):
+        """A Progress event for a StepInfo (sampler step) or a SearchProgress (NFE of the budget)."""
+        if isinstance(info, StepInfo):
+            progress = pb.Progress(step=info.step + 1, steps=info.steps, nfe=info.nfe)
+            preview = info.x0_hat if every and (info.step + 1) % every == 0 else None
+        else:
+            progress = pb.Progress(step=info.nfe, steps=info.budget_nfe, nfe=info.nfe)
+            if info.best_rewards is not None and bool(info.best_rewards.isfinite().any()):
+                progress.best_reward = float(info.best_rewards[info.best_rewards.isfinite()].max())
+            preview = info.best_x0 if every else None
+        if preview is not None and preview.ndim == 4:
+            progress.preview_png = grid_png(preview.detach().float())
+        return pb.GenerateEvent(progress=progress)
+
     class DiffserveServicer(pb_grpc.DiffserveServicer):
         def _prepare(self, request):
             entry, _ = engine.model_info(request.model)
-            return entry, convert.to_request(pb, request, entry)
+            return entry, convert.to_request(pb, request, entry), output_format(pb, request.format)
 
         def Generate(self, request, context):
-            entry, req = self._prepare(request)
-            out = engine.generate(entry.name, req, cancel=_cancel_event(context), deadline=_deadline(context))
+            entry, req, output = self._prepare(request)
+            out = engine.generate(entry.name, req, cancel=_cancel_event(context), deadline=_deadline(context),
+                                  output=output)
             return convert.to_response(pb, entry.name, out, request.format)
 
         def GenerateStream(self, request, context):
-            entry, req = self._prepare(request)
-            events: queue.Queue = queue.Queue()
+            """Progress events as the step loop reports them (previews are encoded here, not in the loop)."""
+            entry, req, output = self._prepare(request)
             every = request.preview_every
             if every and every < engine.config.min_preview_every:
-                from samplers.errors import InvalidRequest
                 raise InvalidRequest(f"preview_every: at least {engine.config.min_preview_every}")
-
-            def on_step(info):
-                if isinstance(info, StepInfo):
-                    progress = pb.Progress(step=info.step + 1, steps=info.steps, nfe=info.nfe)
-                    preview = info.x0_hat if every and (info.step + 1) % every == 0 else None
-                else:  # a search's progress: NFE spent of the budget, best reward so far
-                    progress = pb.Progress(step=info.nfe, steps=info.budget_nfe, nfe=info.nfe)
-                    if info.best_rewards is not None and bool(info.best_rewards.isfinite().any()):
-                        progress.best_reward = float(info.best_rewards[info.best_rewards.isfinite()].max())
-                    preview = info.best_x0 if every else None
-                if preview is not None and preview.ndim == 4:
-                    progress.preview_png = grid_png(preview.detach().float())
-                events.put(pb.GenerateEvent(progress=progress))
-
-            outcome: dict = {}
-
-            def run():
-                try:
-                    outcome["result"] = engine.generate(entry.name, req, on_step=on_step,
-                                                        cancel=_cancel_event(context), deadline=_deadline(context))
-                except BaseException as err:  # handed to the stream below
-                    outcome["error"] = err
-                events.put(None)
-
-            threading.Thread(target=run, name="stream-request", daemon=True).start()
-            while (event := events.get()) is not None:
-                yield event
-            if "error" in outcome:
-                raise outcome["error"]
-            yield pb.GenerateEvent(result=convert.to_response(pb, entry.name, outcome["result"], request.format))
+            events: queue.Queue = queue.Queue()
+            ticket = engine.submit(entry.name, req, on_step=events.put, on_done=lambda: events.put(None),
+                                   cancel=_cancel_event(context), deadline=_deadline(context), output=output)
+            try:
+                while (info := events.get()) is not None:
+                    yield progress_event(info, every)
+                result = ticket.wait()
+            finally:
+                ticket.abandon()  # a stream closed early still settles its request (cancelled within a step)
+            yield pb.GenerateEvent(result=convert.to_response(pb, entry.name, result, request.format))
 
         def ListModels(self, request, context):
             return pb.ListModelsResponse(models=[convert.model_info(pb, *engine.model_info(name))

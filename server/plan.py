@@ -1,0 +1,256 @@
+"""One request plan for every entry point: (loaded model, request) -> a validated `Plan`, or an
+`InvalidRequest` naming the field.
+
+Generate, GenerateStream, SubmitJob (and the queue worker), the command line's in-process path and
+search all call `make_plan`, so they accept and reject exactly the same requests with the same limits.
+A plan checks everything that can be checked without compute: sizes first (before tokenizing a prompt),
+then the sampler or search against its registry, options, steps, seeds, labels, guidance, grid, prompt
+and output format.  `Plan.machine` turns it into a step machine (samplers/calls.py) that the engine
+advances one network call at a time, or `samplers.calls.drive` runs directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from samplers import REGISTRY, SampleNoise, initial_noise, make_grid, with_guidance
+from samplers.calls import StepMachine
+from samplers.errors import InvalidRequest, NonFiniteOutput
+from samplers.grids import GRIDS
+from samplers.masked import masked_sampler_machine
+from samplers.meanflow import meanflow_times
+from samplers.registry import sampler_machine, validate
+from search import build_verifier, run_search
+from search.registry import DEFAULT_STEPS, MAX_SEARCHES, validate_search
+from search.verifiers import validate_verifier
+
+from .errors import quote
+from .generation import GenerateRequest, GenerateResult
+
+OUTPUTS = ("png", "tensor", "text")
+PROMPT_CHARS_PER_TOKEN = 16  # a prompt_text longer than this many characters per position is refused untokenized
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; the server's come from its `[server]` table, the CLI uses the same defaults."""
+
+    max_samples: int = 256
+    max_steps: int = 1000
+
+    @classmethod
+    def of(cls, config, *, job: bool = False) -> Limits:
+        """The limits of a server config (`job`: a queued job may ask for up to queue_max_job_samples)."""
+        return cls(config.queue_max_job_samples if job else config.max_samples, config.max_steps)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: which machine runs it and with what.  `label` names it in metrics."""
+
+    model: str
+    kind: str  # the model kind the sampler or search treats the model as
+    request: GenerateRequest  # sampler and steps filled in
+    seeds: tuple[int, ...]
+    options: dict[str, Any] = field(default_factory=dict)  # sampler options with defaults
+
+    @property
+    def label(self) -> str:
+        return self.request.search.method if self.request.search else self.request.sampler
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def machine(self, loaded, model=None, hook=None, resources: Mapping[str, Any] | None = None
+                ) -> StepMachine[GenerateResult]:
+        """The step machine of this plan on `loaded` (through `model` when given, e.g. a backend)."""
+        model = loaded.model if model is None else model
+        if self.request.search is not None:
+            return _search(self, loaded, model, hook, dict(resources or {}))
+        if loaded.kind == "masked":
+            return _masked(self, loaded, model, hook)
+        return _continuous(self, loaded, model, hook)
+
+
+def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, output: str | None = None,
+              resources: Mapping[str, Any] | None = None) -> Plan:
+    """Check `request` against the model, the registries and `limits`; `output` is the response format
+    ("png", "tensor", "text"; None for library use); `resources` are what this server can build verifiers
+    from (None: not checked)."""
+    n = request.n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_samples:
+        raise InvalidRequest(f"num_samples: {n!r} is outside [1, {limits.max_samples}]")
+    seeds = tuple(request.sample_seeds())
+    model, kind = loaded.model, loaded.kind
+    if output is not None:
+        _check_output(output, kind)
+    if request.grid is not None and request.grid not in GRIDS:
+        raise InvalidRequest(f"grid: unknown grid {quote(request.grid)}; expected one of {sorted(GRIDS)}")
+    if kind == "masked":
+        _check_prompt(model, request)
+        if request.class_label is not None or request.guidance not in (None, 1.0):
+            raise InvalidRequest("class_label: masked models take a prompt, not a class label or guidance")
+    else:
+        if request.prompt_text or request.prompt_tokens:
+            raise InvalidRequest(f"prompt: model {loaded.name!r} is an image model; it takes no token prompt")
+        labels_of(model, request)
+    if request.search is not None:
+        return _plan_search(loaded, request, limits, seeds, resources)
+    if not request.sampler:
+        raise InvalidRequest("sampler: name is empty")
+    spec = REGISTRY.get(request.sampler)
+    sampler_kind = "flow" if kind == "meanflow" and spec is not None and "meanflow" not in spec.kinds else kind
+    steps = request.steps
+    if kind == "masked":
+        steps = _masked_steps(loaded, request, spec)
+        check_steps = steps if steps is not None else 1
+    else:
+        if steps is None:
+            steps = loaded.entry.default_steps
+        check_steps = steps
+        if sampler_kind == "meanflow" and request.guidance not in (None, 1.0):
+            raise InvalidRequest("guidance: MeanFlow models bake guidance into training; leave it unset")
+    _, options = validate(request.sampler, check_steps, request.options, sampler_kind)
+    if steps is not None and steps > limits.max_steps:
+        raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
+    return Plan(loaded.name, sampler_kind, replace(request, steps=steps), seeds, options)
+
+
+def _check_output(output: str, kind: str) -> None:
+    if output not in OUTPUTS:
+        raise InvalidRequest(f"format: {quote(output)} is not one of {list(OUTPUTS)}")
+    if kind == "masked" and output == "png":
+        raise InvalidRequest("format: masked models give TEXT or TENSOR output")
+    if kind != "masked" and output == "text":
+        raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
+
+
+def _masked_steps(loaded, request: GenerateRequest, spec) -> int | None:
+    """mdlm takes N steps (the model's default when unset); first_hitting takes one per masked position."""
+    if spec is None or "steps" not in inspect.signature(spec.machine).parameters:
+        return request.steps
+    return request.steps if request.steps is not None else loaded.entry.default_steps
+
+
+def _plan_search(loaded, request: GenerateRequest, limits: Limits, seeds, resources) -> Plan:
+    search = request.search
+    kind = "flow" if loaded.kind == "meanflow" else loaded.kind
+    steps = DEFAULT_STEPS if request.steps is None else request.steps
+    if not 1 <= len(seeds) <= MAX_SEARCHES:
+        raise InvalidRequest(f"num_samples: a search runs 1 to {MAX_SEARCHES} searches, got {len(seeds)}")
+    if isinstance(steps, int) and steps > limits.max_steps:
+        raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
+    validate_search(search.method, search.budget_nfe, search.options, kind, steps)
+    vspec, _ = validate_verifier(search.verifier, search.verifier_options, kind)
+    if resources is not None:
+        missing = [r for r in vspec.resources if r not in resources and r != "model"]
+        if missing:
+            raise InvalidRequest(f"search.verifier: {search.verifier!r} is not available on this server "
+                                 f"(needs {missing[0]!r})")
+    if request.guidance is not None and not 0.0 <= float(request.guidance) <= 100.0:
+        raise InvalidRequest(f"guidance: {request.guidance} is outside [0, 100]")
+    return Plan(loaded.name, kind, replace(request, steps=steps), seeds)
+
+
+def _check_prompt(model, request: GenerateRequest) -> None:
+    """Masked models: one of prompt_text / prompt_tokens, bounded by size before any tokenizing."""
+    if request.prompt_tokens is not None and request.prompt_text:
+        raise InvalidRequest("prompt: give prompt_tokens or prompt_text, not both")
+    if request.prompt_text and len(request.prompt_text) > PROMPT_CHARS_PER_TOKEN * model.length:
+        raise InvalidRequest(f"prompt_text: {len(request.prompt_text)} characters is too long for the model's "
+                             f"{model.length} positions")
+    if request.prompt_tokens is not None:
+        if len(request.prompt_tokens) > model.length:
+            raise InvalidRequest(f"prompt_tokens: {len(request.prompt_tokens)} tokens is longer than the model's "
+                                 f"length {model.length}")
+        bad = [t for t in request.prompt_tokens if t != -1 and not 0 <= t < model.vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt_tokens: {bad[0]} is not a token id in [0, {model.vocab_size}) "
+                                 f"or -1 (sample here)")
+    masked_template(model, request)
+
+
+def labels_of(model, request: GenerateRequest) -> torch.Tensor | None:
+    """The (n,) class labels of a class-conditional request, or None; refuses what the model cannot take."""
+    num_classes = getattr(model, "num_classes", None)
+    if request.class_label is None:
+        if request.guidance not in (None, 1.0):
+            raise InvalidRequest("guidance: classifier-free guidance needs a class_label")
+        return None
+    if num_classes is None:
+        raise InvalidRequest("class_label: the model is unconditional")
+    if isinstance(request.class_label, bool) or not 0 <= request.class_label < num_classes:
+        raise InvalidRequest(f"class_label: {request.class_label!r} is outside [0, {num_classes - 1}]")
+    return torch.full((request.n,), request.class_label, dtype=torch.long)
+
+
+def masked_template(model, request: GenerateRequest) -> torch.Tensor:
+    """The (L,) token template: prompt ids (-1 = sample here) or text, padded with masks to the length."""
+    if request.prompt_text:
+        ids = model.encode(request.prompt_text)
+    elif request.prompt_tokens is not None:
+        ids = [model.mask_id if t == -1 else t for t in request.prompt_tokens]
+    else:
+        ids = []
+    if len(ids) > model.length:
+        raise InvalidRequest(f"prompt: {len(ids)} tokens is longer than the model's length {model.length}")
+    ids = list(ids) + [model.mask_id] * (model.length - len(ids))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_finite(out: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(out).all():
+        raise NonFiniteOutput("the sampler produced NaN or Inf values; try more steps or a lower guidance scale")
+    return out
+
+
+def _continuous(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
+    """Diffusion, flow and MeanFlow models: per-sample noise from the seeds, CFG, the grid, the sampler."""
+    request = plan.request
+    noise = SampleNoise(list(plan.seeds), torch.float64)  # sampler state in float64, as EDM keeps it
+    labels = labels_of(model, request)
+    if plan.kind == "meanflow":
+        out, nfe = yield from sampler_machine(request.sampler, model, noise.randn(model.shape),
+                                              meanflow_times(request.steps), labels, noise=noise, hook=hook,
+                                              options=plan.options, kind="meanflow")
+        return GenerateResult(_check_finite(out), nfe, list(plan.seeds))
+    if loaded.kind == "meanflow":
+        model = model.as_flow_denoiser()  # any flow sampler runs on the boundary velocity u(z, t, t)
+    guided = with_guidance(model, request.guidance) if labels is not None else model
+    sigmas = make_grid(model.process, request.steps, request.grid or loaded.entry.grid, shift=loaded.shift)
+    out, nfe = yield from sampler_machine(request.sampler, guided, initial_noise(model, noise), sigmas, labels,
+                                          noise=noise, hook=hook, options=plan.options, kind=plan.kind)
+    return GenerateResult(_check_finite(out), nfe, list(plan.seeds))
+
+
+def _masked(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
+    request = plan.request
+    tokens = masked_template(model, request).expand(plan.n, -1).clone()
+    out, nfe = yield from masked_sampler_machine(request.sampler, model, tokens, steps=request.steps,
+                                                 noise=SampleNoise(list(plan.seeds)), hook=hook,
+                                                 options=request.options)
+    nfe = int(torch.as_tensor(nfe).max()) if torch.is_tensor(nfe) else int(nfe)
+    return GenerateResult(out, nfe, list(plan.seeds), [model.decode(row) for row in out])
+
+
+def _search(plan: Plan, loaded, model, hook, resources) -> StepMachine[GenerateResult]:
+    """Test-time search (search/): one search per seed; its particles are rows of the engine's forwards."""
+    request, spec = plan.request, plan.request.search
+    labels = labels_of(model, request)
+    if loaded.kind == "meanflow":
+        model = model.as_flow_denoiser()
+    verifier = build_verifier(spec.verifier, spec.verifier_options, {**resources, "model": model}, plan.kind)
+    result = yield from run_search.machine(
+        spec.method, model, verifier=verifier, budget_nfe=spec.budget_nfe, cond=labels, seeds=list(plan.seeds),
+        steps=request.steps, guidance=request.guidance if labels is not None else None, options=spec.options,
+        hook=hook, kind=plan.kind, trace=False)
+    samples = result.samples if loaded.kind == "masked" else _check_finite(result.samples)
+    texts = [model.decode(row) for row in samples] if loaded.kind == "masked" else None
+    return GenerateResult(samples, result.nfe, list(result.seeds), texts,
+                          rewards=[float(r) for r in result.rewards])
