@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from samplers.denoiser import NULL_LABEL
-from samplers.errors import DiffservError
 
+from .artifacts import BackendUnavailable, ExportError
 from .config import ConfigError, ModelEntry
 from .export import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ensure_onnx, export_dir, export_onnx, network_graph
 
@@ -40,10 +40,6 @@ log = logging.getLogger("diffserve.backends")
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_HINT = "the GPU providers come with onnxruntime-gpu: pip install 'diffserve[gpu]'"
-
-
-class BackendUnavailable(DiffservError, RuntimeError):
-    """The backend a model asks for is not installed or has no device; the message names what is missing."""
 
 
 @dataclass(frozen=True)
@@ -320,3 +316,27 @@ def apply_backend(loaded, device: str = "cpu"):
         return replace(loaded, model=model, backend=runner.description)
     raise BackendUnavailable(f"model {loaded.name!r}: " + "; ".join(errors)
                              + ("" if opts.fallback else " (no `fallback` is configured for this model)"))
+
+
+def export_model(entry: ModelEntry, fmt: str, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                 max_batch: int = DEFAULT_MAX_BATCH, out_dir: Path | None = None) -> list[str]:
+    """`diffserve export`: ONNX (always exported afresh) or a TensorRT engine built from it; report lines."""
+    if fmt not in ("onnx", "tensorrt"):
+        raise ExportError(f"format: {fmt!r} is not one of ['onnx', 'tensorrt']")
+    if fmt == "tensorrt":
+        from .tensorrt_engine import require_tensorrt
+        require_tensorrt()  # fail before the export when there is nothing to build the engine with
+    path, manifest = export_onnx(entry, out_dir=out_dir, opset=opset, fp16=fp16 and fmt == "onnx",
+                                 max_batch=max_batch)
+    inputs = ", ".join(f"{i['name']}{i['shape']} {i['dtype']}" for i in manifest["inputs"])
+    lines = [f"{entry.name}: {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {manifest['precision']}, "
+             f"onnx.checker ok, max |onnx - torch| {manifest['verify_max_abs_diff']:.2g})",
+             f"  inputs: {inputs}; manifest {path.with_suffix('.json').name}"]
+    if fmt == "tensorrt":
+        from .tensorrt_engine import engine_for
+
+        cache_dir = Path(out_dir) / "engines" if out_dir is not None else backend_options(entry).engine_cache
+        engine_path, built = engine_for(entry, path, manifest, fp16=fp16, max_batch=max_batch, cache_dir=cache_dir)
+        lines.append(f"  tensorrt engine: {engine_path} ({'built' if built else 'cached, up to date'}; "
+                     f"profile batch 1..{max_batch}{', fp16' if fp16 else ''})")
+    return lines

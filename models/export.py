@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samplers.errors import DiffservError
-
+from .artifacts import ExportError, atomic_write, file_sha256
 from .config import ModelEntry
 from .safety import require_safetensors
 
@@ -41,10 +40,6 @@ DEFAULT_OPSET = 17
 DEFAULT_MAX_BATCH = 64
 EXPORT_DIRNAME = "onnx"
 VERIFY_ATOL = {"fp32": 1e-3, "fp16": 5e-2}  # export-time sanity check; the parity tests are far tighter
-
-
-class ExportError(DiffservError, ValueError):
-    """A model cannot be exported, or its export disagrees with the torch module."""
 
 
 @dataclass(frozen=True)
@@ -171,14 +166,6 @@ def network_graph(entry: ModelEntry, half: bool = False) -> Graph:
     return graph
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_sha256(directory: Path) -> str:
     """One hash over the checkpoint: every *.safetensors and config.json under the model directory."""
     directory = Path(directory)
@@ -199,12 +186,6 @@ def export_dir(entry: ModelEntry) -> Path:
 def export_paths(out_dir: Path, fp16: bool) -> tuple[Path, Path]:
     stem = "network-fp16" if fp16 else "network"
     return out_dir / f"{stem}.onnx", out_dir / f"{stem}.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _prepare_dir(out_dir: Path) -> None:
@@ -270,7 +251,7 @@ def export_onnx(entry: ModelEntry, *, out_dir: Path | None = None, opset: int = 
         "export_seconds": round(time.perf_counter() - start, 2),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
-    _atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
     log.info("model %s: exported %s (opset %d, %s) in %.1f s", entry.name, path, opset, precision,
              manifest["export_seconds"])
     return path, manifest
@@ -306,28 +287,3 @@ def ensure_onnx(entry: ModelEntry, *, out_dir: Path | None = None, opset: int = 
     if path.exists():
         log.warning("model %s: cached export %s is unusable: %s; exporting again", entry.name, path, problem)
     return export_onnx(entry, out_dir=out_dir, opset=opset, fp16=fp16, max_batch=max_batch)
-
-
-def export_model(entry: ModelEntry, fmt: str, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
-                 max_batch: int = DEFAULT_MAX_BATCH, out_dir: Path | None = None) -> list[str]:
-    """`diffserve export`: ONNX (always exported afresh) or a TensorRT engine built from it; report lines."""
-    if fmt not in ("onnx", "tensorrt"):
-        raise ExportError(f"format: {fmt!r} is not one of ['onnx', 'tensorrt']")
-    if fmt == "tensorrt":
-        from .tensorrt_engine import require_tensorrt
-        require_tensorrt()  # fail before the export when there is nothing to build the engine with
-    path, manifest = export_onnx(entry, out_dir=out_dir, opset=opset, fp16=fp16 and fmt == "onnx",
-                                 max_batch=max_batch)
-    inputs = ", ".join(f"{i['name']}{i['shape']} {i['dtype']}" for i in manifest["inputs"])
-    lines = [f"{entry.name}: {path} ({path.stat().st_size / 1e6:.1f} MB, opset {opset}, {manifest['precision']}, "
-             f"onnx.checker ok, max |onnx - torch| {manifest['verify_max_abs_diff']:.2g})",
-             f"  inputs: {inputs}; manifest {path.with_suffix('.json').name}"]
-    if fmt == "tensorrt":
-        from .backends import backend_options
-        from .tensorrt_engine import engine_for
-
-        cache_dir = Path(out_dir) / "engines" if out_dir is not None else backend_options(entry).engine_cache
-        engine_path, built = engine_for(entry, path, manifest, fp16=fp16, max_batch=max_batch, cache_dir=cache_dir)
-        lines.append(f"  tensorrt engine: {engine_path} ({'built' if built else 'cached, up to date'}; "
-                     f"profile batch 1..{max_batch}{', fp16' if fp16 else ''})")
-    return lines

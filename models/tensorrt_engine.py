@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import threading
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import BackendUnavailable, ExportError, atomic_write, file_sha256
 from .config import ModelEntry
-from .export import ExportError, file_sha256
 
 log = logging.getLogger("diffserve.tensorrt")
 OPT_BATCH = 16  # the profile's "opt" batch: what the batcher typically assembles under load
@@ -32,7 +31,6 @@ OPT_BATCH = 16  # the profile's "opt" batch: what the batcher typically assemble
 
 def require_tensorrt():
     """The tensorrt module, or BackendUnavailable naming what is missing (the package, or a CUDA device)."""
-    from .backends import BackendUnavailable
 
     try:
         import tensorrt
@@ -115,12 +113,6 @@ def build_engine(onnx_path: Path, manifest: dict, fp16: bool, max_batch: int) ->
     return bytes(plan)
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def engine_for(entry: ModelEntry, onnx_path: Path, manifest: dict, *, fp16: bool, max_batch: int,
                cache_dir: Path, index: int = 0, rebuild: bool = False) -> tuple[Path, bool]:
     """The cached engine for this ONNX file, GPU and library versions, building it when absent or stale."""
@@ -139,8 +131,8 @@ def engine_for(entry: ModelEntry, onnx_path: Path, manifest: dict, *, fp16: bool
     log.info("model %s: building a TensorRT engine (%s, batch 1..%d) on %s", entry.name,
              "fp16" if fp16 else "fp32", max_batch, key["gpu"])
     plan = build_engine(onnx_path, manifest, fp16, max_batch)
-    _write(path, plan)
-    _write(sidecar, (json.dumps({"key": key, "plan_sha256": file_sha256(path)}, indent=1) + "\n").encode())
+    atomic_write(path, plan)
+    atomic_write(sidecar, (json.dumps({"key": key, "plan_sha256": file_sha256(path)}, indent=1) + "\n").encode())
     for stale in cache_dir.glob(f"{stem}-*.plan"):
         if stale != path:  # built for another GPU, library version, ONNX file or profile
             log.info("model %s: removing stale engine %s", entry.name, stale.name)

@@ -161,8 +161,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from models.backends import export_model
     from models.config import load_config, lookup
-    from models.export import export_model
 
     entry = lookup(load_config(args.config), args.model)
     for line in export_model(entry, args.format, opset=args.opset, fp16=args.fp16, max_batch=args.max_batch,

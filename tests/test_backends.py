@@ -17,9 +17,10 @@ import onnx
 import pytest
 import torch
 
-from models.backends import BackendUnavailable, backend_options
+from models.artifacts import BackendUnavailable, file_sha256
+from models.backends import backend_options
 from models.config import DEFAULT_CONFIG, ConfigError, load_config
-from models.export import ensure_onnx, export_paths, file_sha256
+from models.export import ensure_onnx, export_paths
 from models.loading import load_model
 from samplers.denoiser import NULL_LABEL
 from server.cli import main as cli_main
@@ -346,3 +347,15 @@ def test_tensorrt_engine_cache_is_keyed_by_gpu_and_versions_and_rebuilds_stale_e
     moved.write_bytes(b"corrupt")  # a plan that no longer matches its record is rebuilt
     assert engine() == (moved, True) and moved.read_bytes() == b"plan 4"
     assert te.engine_for(entry, None, manifest, fp16=True, max_batch=32, cache_dir=tmp_path)[1]  # fp16: own engine
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporary_behind(tmp_path):
+    from models.artifacts import atomic_write
+
+    path = tmp_path / "network.json"
+    atomic_write(path, b"old")
+    with pytest.raises(TypeError):
+        atomic_write(path, "not bytes")  # the write fails: the old file stays whole
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["network.json"]
+    atomic_write(path, b"new")
+    assert path.read_bytes() == b"new"
