@@ -163,7 +163,12 @@ def test_verifier_registry():
         build_verifier("ink-mass", {"target": 2.0})
     with pytest.raises(InvalidRequest, match="search.verifier"):
         build_verifier("text-words", {}, {}, kind="diffusion")
-    assert all(spec.options is not None for spec in SEARCHES.values())
+    for spec in SEARCHES.values():  # every option is documented and its default passes its own check
+        for name, option in spec.options.items():
+            assert option.help, (spec.name, name)
+            option.check(f"search.options.{name}", option.default)
+    with pytest.raises(InvalidRequest, match=r"search\.options\.nonsense: not an option"):
+        _run("best_of_n", options={"nonsense": 1})
 
 
 def test_verifiers_compute_what_they_say():
