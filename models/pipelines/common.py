@@ -228,7 +228,8 @@ class VaeDecoder:
     shift_factor: float = 0.0
     dtype: torch.dtype = torch.float32  # float32 where the family's VAE needs the upcast
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """The batchable decode network (the decoder object itself, so calls group by identity)."""
         z = latents.to(torch.float32) / self.scaling_factor + self.shift_factor
         device = next(self.vae.parameters()).device
         with torch.inference_mode():
@@ -236,7 +237,7 @@ class VaeDecoder:
         return image.float().clamp(-1, 1).cpu()
 
     def decode_call(self, latents: torch.Tensor) -> NetworkCall:
-        return NetworkCall(self.decode, (latents,))
+        return NetworkCall(self, (latents.to(torch.float32),))
 
 
 def vae_decoder(vae, dtype: torch.dtype) -> VaeDecoder:

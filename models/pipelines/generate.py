@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from samplers import registry
-from samplers.calls import NetworkCall, StepMachine
+from samplers.calls import StepMachine
 from samplers.errors import InvalidRequest
 from samplers.hooks import Hook, report
 from samplers.noise import SampleNoise
@@ -171,5 +171,5 @@ def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: H
     last = float(sigmas[-1])
     if last > 0:  # a grid ending above 0 (DDIM without set_alpha_to_one) decodes x_t, as diffusers does
         x = x * pipeline.denoiser.process.alpha(pipeline.denoiser.process.t_of_kappa(torch.tensor(last)))
-    images = yield NetworkCall(pipeline.decoder.decode, (x.to(torch.float32),))
+    images = yield pipeline.decoder.decode_call(x)
     return PipelineResult(images, x, nfe, tuple(int(s) for s in request.seeds))
