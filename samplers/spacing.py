@@ -108,6 +108,8 @@ def flow_times(steps: int, *, num_train: int = 1000, shift: float = 1.0, mu: flo
         t = np.asarray(start, dtype=np.float64)
     t = dynamic_time_shift(t, mu, shift_kind) if mu is not None else time_shift(t, shift)
     if shift_terminal:
+        if t[-1] >= 1:
+            raise InvalidRequest("steps: a terminal shift (shift_terminal) needs at least 2 steps")
         t = 1 - (1 - t) / ((1 - t[-1]) / (1 - shift_terminal))
     if sigmas != "default":
         convert = {"karras": karras_sigmas, "exponential": exponential_sigmas}[sigmas]
