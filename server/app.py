@@ -20,7 +20,7 @@ from . import metrics, protogen
 from .config import ServerConfig
 from .engine import Engine
 from .errors import CannotStart
-from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .interceptors import ErrorInterceptor, MetricsInterceptor, TokenAuthInterceptor
 from .reflection import enable_reflection
 from .servicer import make_servicer
 
@@ -72,9 +72,9 @@ def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True
     example the job queue's), registered beside the Diffserve service and listed by reflection."""
     pb, pb_grpc = protogen.load()
     engine = Engine(loaded_models, config, resources)
-    interceptors = [ErrorInterceptor()]
+    interceptors = [MetricsInterceptor(), ErrorInterceptor()]
     if config.auth_token:
-        interceptors.insert(0, TokenAuthInterceptor(config.auth_token))
+        interceptors.insert(1, TokenAuthInterceptor(config.auth_token, ("", SERVICE), config.health_models_public))
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]  # a second server on this port fails instead of sharing it silently
@@ -87,6 +87,7 @@ def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True
     for add in services:
         names += add(server, engine)
     enable_reflection(names, server)
+    _create_label_sets(loaded_models, names)
     address = f"{config.host}:{config.port}"
     creds = _credentials(config)
     try:
@@ -112,6 +113,28 @@ def start_server(loaded_models: dict, config: ServerConfig, warm_up: bool = True
         engine.warm_up()
         running.set_serving(True)
     return running
+
+
+def _create_label_sets(loaded_models: dict, services: list[str]) -> None:
+    """Every metrics label set this server can report, at start-up (zeros), so rate() sees first errors."""
+    from google.protobuf import descriptor_pool
+
+    from samplers import REGISTRY
+    from search.registry import SEARCHES
+
+    served = {}
+    for name, loaded in loaded_models.items():
+        kinds = {loaded.kind, "flow"} if loaded.kind == "meanflow" else {loaded.kind}
+        served[name] = [n for n, spec in {**REGISTRY, **SEARCHES}.items() if kinds & set(spec.kinds)]
+    pool, methods = descriptor_pool.Default(), {}
+    for service in services:
+        try:
+            descriptor = pool.FindServiceByName(service)
+        except KeyError:
+            continue
+        methods[service] = [(m.name, "server_stream" if m.server_streaming else "unary")
+                            for m in descriptor.methods if not m.client_streaming]  # as MetricsInterceptor
+    metrics.create_label_sets(served, methods)
 
 
 def apply_torch_threads(config: ServerConfig) -> None:

@@ -6,7 +6,6 @@ import json
 import math
 
 import numpy as np
-from google.protobuf import json_format
 
 from samplers import REGISTRY
 from samplers.errors import InvalidRequest
@@ -15,14 +14,52 @@ from .generation import GenerateRequest, SearchRequest
 from .images import grid_png
 
 
-def _struct(message, field: str) -> dict:
-    if not message.HasField(field):
-        return {}
-    values = json_format.MessageToDict(getattr(message, field))
-    for key, value in values.items():
-        if isinstance(value, float) and value.is_integer() and not math.isinf(value):
-            values[key] = int(value)  # Struct carries every number as a double
-    return values
+def _number(x: float, where: str):
+    if not math.isfinite(x):
+        raise InvalidRequest(f"{where}: {x} is not a finite number")
+    return int(x) if x.is_integer() and abs(x) < 2**63 else x  # Struct carries every number as a double
+
+
+def _value(value, where: str):
+    """A google.protobuf.Value option -> Python (numbers finite, no nested objects, no nulls)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return _number(value.number_value, where)
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "list_value":
+        return [_value(v, f"{where}[{k}]") for k, v in enumerate(value.list_value.values)]
+    if kind == "struct_value":
+        raise InvalidRequest(f"{where}: an object is not an option value; give a number, string, bool or list")
+    raise InvalidRequest(f"{where}: null (or no value) is not an option value; give a number, string, bool or list")
+
+
+def _typed(value, where: str):
+    """An OptionValue -> Python."""
+    kind = value.WhichOneof("value")
+    if kind == "number_value":
+        return _number(value.number_value, where)
+    if kind in ("int_value", "bool_value", "string_value"):
+        return getattr(value, kind)
+    if kind == "list_value":
+        return [_typed(v, f"{where}[{k}]") for k, v in enumerate(value.list_value.values)]
+    raise InvalidRequest(f"{where}: no value set; set one of number_value, int_value, bool_value, string_value "
+                         "or list_value")
+
+
+def options_of(message, struct_field: str, typed_field: str, where: str = "") -> dict:
+    """The options of a Struct field and its typed map (a key may be in one of them only)."""
+    out = {}
+    if message.HasField(struct_field):
+        for key, value in getattr(message, struct_field).fields.items():
+            out[key] = _value(value, f"{where}{struct_field}.{key}")
+    for key, value in getattr(message, typed_field).items():
+        if key in out:
+            raise InvalidRequest(f"{where}{typed_field}.{key}: also given in {where}{struct_field}; give it once")
+        out[key] = _typed(value, f"{where}{typed_field}.{key}")
+    return out
 
 
 def to_request(pb, request, entry) -> GenerateRequest:
@@ -43,11 +80,12 @@ def to_request(pb, request, entry) -> GenerateRequest:
         spec = request.search
         if not spec.method:
             raise InvalidRequest("search.method: name is empty")
-        search = SearchRequest(spec.method, int(spec.budget_nfe), spec.verifier, _struct(spec, "options"),
-                               _struct(spec, "verifier_options"))
+        search = SearchRequest(spec.method, int(spec.budget_nfe), spec.verifier,
+                               options_of(spec, "options", "typed_options", "search."),
+                               options_of(spec, "verifier_options", "typed_verifier_options", "search."))
     return GenerateRequest(sampler=request.sampler or entry.default_sampler, steps=steps, n=n, search=search,
                            seed=int(request.base_seed), seeds=seeds, class_label=class_label, guidance=guidance,
-                           grid=request.grid or None, options=_struct(request, "options"),
+                           grid=request.grid or None, options=options_of(request, "options", "typed_options"),
                            prompt_tokens=tuple(request.prompt_tokens) or None,
                            prompt_text=request.prompt_text or None)
 
@@ -57,8 +95,9 @@ def tensor(pb, array: np.ndarray):
     return pb.Tensor(dtype=str(array.dtype), shape=list(array.shape), data=little_endian.tobytes())
 
 
-def sample_protos(pb, result, fmt: int) -> list:
-    """A GenerateResult's samples as Sample protos (text / tokens, raw tensor or PNG; rewards of searches)."""
+def sample_protos(pb, result, fmt: int, png_scale: int = 1) -> list:
+    """A GenerateResult's samples as Sample protos (text / tokens, raw tensor or PNG at native resolution
+    times `png_scale`; rewards of searches).  Every sample carries its seed, seed 0 too."""
     samples = []
     if result.texts is not None:
         for seed, row, text in zip(result.seeds, result.samples, result.texts):
@@ -78,18 +117,20 @@ def sample_protos(pb, result, fmt: int) -> list:
         if fmt == pb.TENSOR:
             sample.tensor.CopyFrom(tensor(pb, x.float().numpy()))
         else:
-            sample.png = grid_png(x[None], scale=4, pad=0)
+            sample.png = grid_png(x[None], scale=max(1, png_scale), pad=0)
         samples.append(sample)
     return samples
 
 
-def to_response(pb, name: str, out, fmt: int):
+def to_response(pb, name: str, out, fmt: int, png_scale: int = 1):
+    """The GenerateResponse of an engine result; PNGs at native resolution unless `png_scale` (the request's)."""
     result = out.result
     images = result.texts is None and fmt != pb.TENSOR
-    return pb.GenerateResponse(model=name, sampler=out.sampler, samples=sample_protos(pb, result, fmt),
+    scale = max(1, png_scale)
+    return pb.GenerateResponse(model=name, sampler=out.sampler, samples=sample_protos(pb, result, fmt, scale),
                                nfe=result.nfe, timings=pb.Timings(queue_seconds=out.queue_seconds,
                                                                   compute_seconds=out.compute_seconds),
-                               grid_png=grid_png(result.samples) if images else b"")
+                               grid_png=grid_png(result.samples, scale=scale) if images else b"")
 
 
 def model_info(pb, entry, served):
@@ -103,7 +144,22 @@ def model_info(pb, entry, served):
                         vocab_size=getattr(model, "vocab_size", 0) if masked else 0)
     if entry.guidance is not None:
         info.guidance = entry.guidance
+    if masked:
+        tokenizer = getattr(model, "tokenizer", None)
+        info.layout, info.mask_token_id = "L", int(model.mask_id)
+        info.mask_token = getattr(tokenizer, "mask_token", None) or ""
+        info.tokenizer = _tokenizer_name(tokenizer)
+    else:
+        info.layout, info.value_min, info.value_max = "CHW", -1.0, 1.0
     return info
+
+
+def _tokenizer_name(tokenizer) -> str:
+    """The tokenizer's name (its checkpoint's directory name, never a path), else its class."""
+    if tokenizer is None:
+        return ""
+    source = str(getattr(tokenizer, "name_or_path", "") or "").rstrip("/\\")
+    return source.replace("\\", "/").rsplit("/", 1)[-1] or type(tokenizer).__name__
 
 
 def sampler_infos(pb, kind: str):

@@ -1,4 +1,4 @@
-"""Turn samples into pictures: a PNG grid upscaled with nearest-neighbour so people can see 8x8 digits."""
+"""Turn samples into pictures: PNGs at native resolution, optionally upscaled (nearest neighbour) for people."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def to_uint8(samples: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_png(samples: torch.Tensor, scale: int = 8, pad: int = 1) -> bytes:
-    """A PNG of all samples in a near-square grid, each upscaled by `scale` (nearest neighbour)."""
+def grid_png(samples: torch.Tensor, scale: int = 1, pad: int = 1) -> bytes:
+    """A PNG of all samples in a near-square grid, each upscaled by `scale` (nearest neighbour; 1: native)."""
     images = to_uint8(samples)
     n, h, w, c = images.shape
     cols = math.ceil(math.sqrt(n))
