@@ -1,0 +1,84 @@
+"""DiffusionGemma (transformers' native `DiffusionGemmaForBlockDiffusion`) as a block-diffusion model.
+
+The class ships with transformers (>= 5.24 here), so the checkpoint loads with no remote code: safetensors only,
+`local_files_only=True`. The network conditions a bidirectional decoder over a canvas of `canvas_length`
+tokens on a causal encoding of the context (prompt + earlier canvases) and on the previous step's logits
+(self-conditioning); `canvas_logits` is that one forward, returning soft-capped float32 logits over the canvas.
+Unlike diffusers' pipeline, which keeps a per-request KV cache of the context, each call here re-encodes the
+context: a call is then a pure function of per-sample tensors, so calls of different requests batch into one
+forward (at the price of encoder work proportional to the context on every step).
+Prompts go through the checkpoint's processor (or tokenizer) chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .masked_lm import CheckpointError, _check_weights
+
+
+class DiffusionGemmaLM:
+    """A loaded DiffusionGemma with its processor: the `canvas_logits` contract of samplers/block_diffusion.py."""
+
+    def __init__(self, model, processor=None):
+        text = model.config.get_text_config()
+        self.model = model
+        self.processor = processor
+        self.canvas_length = int(model.config.canvas_length)
+        self.vocab_size = int(text.vocab_size)
+        self.length = int(text.max_position_embeddings)
+        eos = text.eos_token_id
+        self.eos_id = eos[0] if isinstance(eos, list) else eos
+        self.device = next(model.parameters()).device
+
+    def canvas_logits(self, context: torch.Tensor, canvas: torch.Tensor, sc_logits: torch.Tensor,
+                      sc_mask: torch.Tensor) -> torch.Tensor:
+        """(B, P) context, (B, C) canvas, (B, C, V) previous logits, (B,) which rows have them -> (B, C, V)."""
+        dev = self.device
+        p = context.shape[1]
+        positions = torch.arange(p, p + canvas.shape[1], device=dev)[None].expand(len(canvas), -1)
+        with torch.inference_mode():
+            out = self.model(input_ids=context.to(dev), attention_mask=torch.ones_like(context, device=dev),
+                             decoder_input_ids=canvas.to(dev), self_conditioning_logits=sc_logits.to(dev),
+                             self_conditioning_mask=sc_mask.to(dev), decoder_position_ids=positions)
+        return out.logits.float().cpu()
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a chat through the processor's chat template, with the generation prompt."""
+        if self.processor is None:
+            raise CheckpointError("this DiffusionGemma checkpoint has no processor / tokenizer")
+        enc = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True, return_tensors="pt")
+        return enc["input_ids"][0].tolist()
+
+    def decode(self, ids) -> str:
+        """Text up to (not including) the first EOS."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_diffusion_gemma(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+                         ) -> DiffusionGemmaLM:
+    """Load a DiffusionGemma checkpoint directory: transformers' own class, safetensors only, no remote code."""
+    from transformers import AutoProcessor, AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path.name}: no config.json")
+    _check_weights(path)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                            trust_remote_code=False, dtype=dtype).to(device)
+    model.eval().requires_grad_(False)
+    processor = None
+    for loader in (AutoProcessor, AutoTokenizer):
+        try:
+            processor = loader.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            break
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return DiffusionGemmaLM(model, processor)
