@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from tests.server_fixtures import gmm_model, pb, running_server, stub_for
 
+# The documented refusals of a bad request; INTERNAL would be a server bug (issue 16 item 7).
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED,
-           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
+           grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,17 @@ requests = st.builds(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=requests, options=st.dictionaries(st.sampled_from(["eta", "order", "beta", "x"]), numbers,
                                                  max_size=2),
+       typed=st.dictionaries(st.sampled_from(["eta", "order", "s_churn"]),
+                             st.one_of(st.floats().map(lambda x: pb.OptionValue(number_value=x)),
+                                       st.integers(-2**63, 2**63 - 1).map(lambda x: pb.OptionValue(int_value=x)),
+                                       st.just(pb.OptionValue())), max_size=2),
        label=st.one_of(st.none(), st.integers(-2**31, 2**31 - 1)),
        guidance=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)), stream=st.booleans())
-def test_random_requests_get_well_formed_answers(fuzz_server, request, options, label, guidance, stream):
+def test_random_requests_get_well_formed_answers(fuzz_server, request, options, typed, label, guidance, stream):
     server, stub, channel = fuzz_server
     request.options.update(options)
+    for key, value in typed.items():
+        request.typed_options[key].CopyFrom(value)
     if label is not None:
         request.class_label = label
     if guidance is not None:
@@ -75,4 +82,4 @@ def test_lookups_and_garbage_bytes(fuzz_server, name, kind, garbage):
     try:
         raw(garbage, timeout=10)
     except grpc.RpcError as err:
-        assert err.code() in ALLOWED | {grpc.StatusCode.UNKNOWN}, err.code()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.code()

@@ -17,7 +17,8 @@ PROMETHEUS = shutil.which("prometheus")
 SERIES = ["diffserve_requests_total", "diffserve_request_seconds_bucket", "diffserve_queue_wait_seconds_count",
           "diffserve_compute_seconds_sum", "diffserve_batch_size_bucket", "diffserve_forward_seconds_count",
           "diffserve_nfe_total", "diffserve_inflight_requests", "diffserve_queued_requests", "diffserve_model_ready",
-          "process_resident_memory_bytes"]
+          "process_resident_memory_bytes", "grpc_server_started_total", "grpc_server_handled_total",
+          "grpc_server_handling_seconds_bucket"]
 
 
 def _free_port() -> int:
@@ -61,6 +62,8 @@ def test_prometheus_scrapes_our_series(tmp_path):
             assert float(ok[0]["value"][1]) >= 1
             assert float(_query(port, 'diffserve_nfe_total{model="gmm",sampler="unipc"}')[0]["value"][1]) >= 5
             assert _query(port, 'up{job="diffserve"}')[0]["value"][1] == "1"
+            ok = _query(port, 'grpc_server_handled_total{grpc_method="Generate",grpc_code="OK"}')
+            assert float(ok[0]["value"][1]) >= 1
         finally:
             proc.terminate()
             proc.wait(10)
