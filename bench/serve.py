@@ -1,6 +1,6 @@
 """Serving throughput and latency on digits-ddpm: our gRPC server (eager torch, and the same weights through
-the ONNX Runtime CPU backend) vs in-process sequential sampling vs diffusers' pipeline behind a thread pool,
-and the model's forward-pass limit (eager torch).
+the ONNX Runtime CPU backend) and the same engine in-process without gRPC vs in-process sequential sampling
+vs diffusers' pipeline behind a thread pool, and the model's forward-pass limit (eager torch).
 
 Every request asks for one sample with DPM-Solver++(2M), 10 steps, no guidance.  The server runs as a
 separate process (`diffserve serve`) on loopback, so client and server do not share an interpreter.
@@ -113,6 +113,26 @@ def bench_sequential(loaded, n):
     return _summary("sequential", 1, *_load(n, 1, one))
 
 
+def bench_inprocess(loaded, n, concurrencies):
+    """The engine without gRPC (row "inprocess"): client threads call Engine.generate on one step loop, so
+    the engine and the transport can be told apart."""
+    from server.config import ServerConfig
+    from server.engine import Engine
+
+    engine = Engine({MODEL: loaded}, ServerConfig(port=0, metrics_port=None, max_queue=256))
+    engine.warm_up()
+    try:
+        rows = []
+        for c in concurrencies:
+            def one(k):
+                engine.generate(MODEL, GenerateRequest(SAMPLER, STEPS, n=1, seed=k))
+            _load(min(8, n), c, one)
+            rows.append(_summary("inprocess", c, *_load(n if c > 1 else max(8, n // 4), c, one)))
+        return rows
+    finally:
+        engine.close()
+
+
 def bench_diffusers(loaded, n, concurrencies):
     from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
 
@@ -172,6 +192,7 @@ def main(quick: bool = False) -> dict:
     n = 32 if quick else 128
     concurrencies = (1, 8) if quick else CONCURRENCY
     rows = [bench_sequential(loaded, max(8, n // 4))]
+    rows += bench_inprocess(loaded, n, concurrencies)
     rows += bench_grpc(n, concurrencies)
     rows += bench_grpc(n, concurrencies, backend="onnxruntime")
     rows += bench_diffusers(loaded, n, concurrencies)

@@ -80,14 +80,18 @@ class Denoiser:
         return self.process.kappa_max
 
     def network_call(self, x: torch.Tensor, sigma, cond=None) -> NetworkCall:
-        """The network in its own coordinates, net(x_t, t, cond), then this adapter's conversion to x0."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+        """The batchable call: this denoiser over per-sample rows (x, sigma, cond).  The adapter's arithmetic
+        runs once per batched forward, not once per request."""
+        return NetworkCall(self.denoise, (x, torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0]), cond))
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x0_hat for a batch: to the network's coordinates (x_t = alpha x, t of sigma), net, back to x0."""
         t = self.process.t_of_kappa(sigma)
         alpha = _bcast(self.process.alpha(t), x)
         sig = _bcast(self.process.sigma(t), x)
         x_t = x * alpha
-        to_x0 = PREDICTIONS[self.prediction]
-        return evaluate(self.net, x_t, t, cond).then(lambda out: to_x0(x_t, out.to(x.dtype), alpha, sig, self.process))
+        out = self.net(x_t, t, cond).to(x.dtype)
+        return PREDICTIONS[self.prediction](x_t, out, alpha, sig, self.process)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.network_call(x, sigma, cond).run()

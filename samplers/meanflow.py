@@ -43,8 +43,12 @@ class AverageVelocity:
     def as_flow_denoiser(self) -> Denoiser:
         """The instantaneous-velocity model u(z, t, t) as a rectified-flow denoiser (its network calls go
         to the same `u`, so they batch with the MeanFlow requests on this model)."""
-        return Denoiser(BoundaryVelocity(self.u), RectifiedFlow(), "velocity", self.shape, self.num_classes,
-                        kind="flow")
+        cached = self.__dict__.get("_flow_denoiser")
+        if cached is None:  # one instance per model, so that its calls batch across requests
+            cached = Denoiser(BoundaryVelocity(self.u), RectifiedFlow(), "velocity", self.shape, self.num_classes,
+                              kind="flow")
+            object.__setattr__(self, "_flow_denoiser", cached)
+        return cached
 
 
 @dataclass(frozen=True)

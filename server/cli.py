@@ -112,7 +112,11 @@ def cmd_generate(args) -> int:
                 bar.total = info.steps
                 bar.update(1)
         resources = load_resources(args.config) if request.search else None
-        result = generate(loaded, request, hook=progress, resources=resources)
+        from .config import load_server_config
+        from .plan import Limits
+
+        limits = Limits.of(load_server_config(args.config))  # the server's own limits: one plan, one answer
+        result = generate(loaded, request, hook=progress, resources=resources, limits=limits)
     if result.rewards is not None:
         print(f"rewards: {', '.join(f'{r:.3f}' for r in result.rewards)}")
     out = Path(args.out)

@@ -65,10 +65,11 @@ class GenerateResult:
 def generate(loaded, request: GenerateRequest, hook=None, model=None, resources=None, limits=None) -> GenerateResult:
     """Run `request` on a LoadedModel in the calling thread (through `model` when given, e.g. a backend):
     the same plan (server/plan.py) and step machine the engine runs; `resources` are what verifiers need
-    (loaded classifiers) when the request carries a search; `limits` default to the server's defaults."""
+    (loaded classifiers) when the request carries a search; `limits` default to the server's, but with up to
+    MAX_SAMPLES samples for library use (the command line passes its config's server limits)."""
     from samplers.calls import drive
 
     from .plan import Limits, make_plan
 
-    plan = make_plan(loaded, request, limits or Limits(), resources=resources)
+    plan = make_plan(loaded, request, limits or Limits(max_samples=MAX_SAMPLES), resources=resources)
     return drive(plan.machine(loaded, model, hook, resources))

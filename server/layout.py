@@ -8,6 +8,7 @@ row), or dicts and tuples of these (the conditioning of text-to-image pipelines)
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -48,12 +49,18 @@ def _layout(arg: Any, n: int) -> Any:
 def batch_key(call: NetworkCall) -> tuple:
     """Calls with equal keys run as one forward pass: the same network, the same per-sample layout."""
     n = rows(call)
+    return _identity(call.network), tuple(_layout(a, n) for a in call.args)
+
+
+def _identity(network) -> Any:
+    """A bound method is its object and function (a fresh method object per call otherwise differs)."""
+    if inspect.ismethod(network):
+        return id(network.__self__), network.__func__
     try:
-        hash(call.network)
-        network = call.network
+        hash(network)
+        return network
     except TypeError:
-        network = id(call.network)
-    return network, tuple(_layout(a, n) for a in call.args)
+        return id(network)
 
 
 def _per_row(arg: Any, n: int) -> Any:

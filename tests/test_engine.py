@@ -157,14 +157,16 @@ def _bad_requests(meanflow, text_mdm):
 
 
 def test_every_entry_point_refuses_the_same_requests(meanflow, text_mdm):
-    """The in-process library / CLI path (`generate`), the engine (Generate) and a job submission share one
-    plan: each bad request is refused by all three with the same message, before any compute."""
+    """The in-process CLI path (`generate` with the config's server limits), the engine (Generate, and a job
+    submission: engine.plan) share one plan: each bad request is refused by all with the same message,
+    before any compute."""
     for loaded, request, field in _bad_requests(meanflow, text_mdm):
         messages = []
         engine = Engine({loaded.name: loaded}, ServerConfig(port=0, metrics_port=None))
         try:
-            for run, args in ((generate, (loaded, request)), (make_plan, (loaded, request, Limits())),
-                              (engine.plan, (loaded.name, request))):
+            entry_points = ((generate, (loaded, request, None, None, None, Limits())),
+                            (make_plan, (loaded, request, Limits())), (engine.plan, (loaded.name, request)))
+            for run, args in entry_points:
                 with pytest.raises(InvalidRequest) as info:
                     run(*args)
                 messages.append(str(info.value))
