@@ -233,10 +233,15 @@ def main(quick: bool = False) -> dict:
         finally:
             bench.close()
     med = statistics.median
-    rows = [{"mode": "direct", "workers": 1, "samples_per_s": round(med(direct_1 + direct_2), 1)},
-            {"mode": "queue", "workers": 1, "samples_per_s": round(med(queue_1), 1)},
-            {"mode": "queue", "workers": 2, "samples_per_s": round(med(queue_2), 1)}]
     ratios = {1: [q / d for d, q in zip(direct_1, queue_1)], 2: [q / d for d, q in zip(direct_2, queue_2)]}
+
+    def row(mode, workers, per_round, paired):  # each round's figure and its ratio to that round's direct run
+        return {"mode": mode, "workers": workers, "samples_per_s": round(med(per_round), 1),
+                "samples_per_s_each_round": [round(x, 1) for x in per_round],
+                "paired_ratios": [round(x, 3) for x in paired], "paired_ratio_median": round(med(paired), 3)}
+
+    rows = [row("direct", 1, direct_1 + direct_2, [1.0] * len(direct_1 + direct_2)),
+            row("queue", 1, queue_1, ratios[1]), row("queue", 2, queue_2, ratios[2])]
     overhead = round(dispatch + store, 2)
     print(f"job of {bench.n} samples, tasks of {bench.task_size}, {bench.steps} steps, one torch thread per process; "
           f"medians of {rounds} rounds, each direct then queued")
@@ -247,4 +252,6 @@ def main(quick: bool = False) -> dict:
               + " ".join(f"{x:.2f}" for x in each))
     print(f"queue overhead per task (median): {overhead:.2f} ms (enqueue -> start {dispatch:.2f} ms, "
           f"result write -> ack {store:.2f} ms) with appendfsync always; {lazy:.2f} ms with everysec")
-    return {"rows": rows, "overhead_ms_per_task": overhead}
+    return {"rows": rows, "rounds": rounds, "overhead_ms_per_task": overhead,
+            "overhead_ms": {"enqueue_to_start": round(dispatch, 2), "result_write_to_ack": round(store, 2),
+                            "appendfsync_everysec_total": round(lazy, 2)}}
