@@ -74,3 +74,65 @@ def _public_scheduler_fields(directory: Path) -> None:
     config = json.loads(path.read_text())
     config.setdefault("clip_sample", False)
     path.write_text(json.dumps(config, indent=2))
+
+
+def tiny_sd3(directory: Path, seed: int = 0, shift: float = 3.0):
+    """A StableDiffusion3Pipeline without T5 (diffusers then feeds zeros): 1-layer transformer, patch 2."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, layers_per_block=1,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae.eval(),
+        text_encoder=CLIPTextModelWithProjection(clip_text_config(projection=32)).eval(),
+        tokenizer=clip_tokenizer(directory / "_tok"),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(projection=32)).eval(),
+        tokenizer_2=clip_tokenizer(directory / "_tok2"), text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe
+
+
+def t5_tokenizer():
+    """A unigram T5 tokenizer over letters and a few words (pad 0, eos 1, unk 2)."""
+    from transformers import T5Tokenizer
+
+    words = ["a", "cat", "dog", "on", "abc", "b"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += [("▁", -2.0)] + [("▁" + w, -0.5) for w in words]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_t5():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+
+
+def tiny_flux(directory: Path, seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline (dev-style with guidance_embeds, or schnell-style without): 1 + 1 blocks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    pipe = FluxPipeline(transformer=transformer.eval(), scheduler=scheduler,
+                        vae=tiny_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
+                                     shift_factor=0.0609, scaling_factor=1.5035).eval(),
+                        text_encoder=CLIPTextModel(clip_text_config()).eval(),
+                        tokenizer=clip_tokenizer(directory / "_tok"), text_encoder_2=tiny_t5(),
+                        tokenizer_2=t5_tokenizer())
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe
