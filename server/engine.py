@@ -60,10 +60,11 @@ class Request:
     on_done: Callable[[], None] | None = None
 
     def stop_reason(self) -> BaseException | None:
-        if self.cancel is not None and self.cancel.is_set():
-            return Cancelled("the request was cancelled")
+        # the deadline first: an RPC that ran out of time also fires its cancel event
         if self.deadline is not None and time.monotonic() > self.deadline:
             return DeadlineExceeded("the request's deadline passed")
+        if self.cancel is not None and self.cancel.is_set():
+            return Cancelled("the request was cancelled")
         return None
 
 
@@ -190,8 +191,8 @@ class StepLoop:
 class Ticket:
     """A submitted request as its caller sees it: wait for the result; metrics are recorded once here."""
 
-    def __init__(self, engine: Engine, name: str):
-        self.engine, self.name, self.start = engine, name, time.monotonic()
+    def __init__(self, engine: Engine, name: str, asked: GenerateRequest):
+        self.engine, self.name, self.asked, self.start = engine, name, asked, time.monotonic()
         self.plan: Plan | None = None
         self.served: ServedModel | None = None
         self.request: Request | None = None
@@ -200,7 +201,15 @@ class Ticket:
 
     @property
     def label(self) -> str:
-        return self.plan.label if self.plan is not None else "other"
+        """The sampler or search method, for metrics: only registered names (labels stay bounded)."""
+        if self.plan is not None:
+            return self.plan.label
+        from samplers import REGISTRY
+        from search import SEARCHES
+
+        search = self.asked.search
+        name = search.method if search is not None else self.asked.sampler
+        return name if name in (SEARCHES if search is not None else REGISTRY) else "other"
 
     def refuse(self, err: BaseException) -> None:
         """Count a request refused before it ran (bad request, unknown model, full queue, not ready)."""
@@ -309,29 +318,31 @@ class Engine:
         entry = lookup(self.entries, name)
         return entry, self.models[name]
 
-    def plan(self, name: str, request: GenerateRequest, *, output: str | None = None, job: bool = False) -> Plan:
+    def plan(self, name: str, request: GenerateRequest, *, output: str | None = None, png_scale: int = 1,
+             job: bool = False) -> Plan:
         """The validated plan of `request` on model `name` (what every entry point checks before compute)."""
         _, served = self.model_info(name)
         limits = Limits.of(self.config, job=True) if job else self.limits
-        return make_plan(served.loaded, request, limits, output=output, resources=self.resources)
+        return make_plan(served.loaded, request, limits, output=output, png_scale=png_scale, resources=self.resources)
 
     def generate(self, name: str, request: GenerateRequest, *, on_step: Callable[[Any], None] | None = None,
                  cancel: threading.Event | None = None, deadline: float | None = None,
-                 output: str | None = None) -> EngineResult:
+                 output: str | None = None, png_scale: int = 1) -> EngineResult:
         """Plan, admit, run in the model's step loop, wait; raises domain errors (mapped to status codes by
         the server).  `on_step` sees a StepInfo per sampler step, or a search.SearchProgress for searches;
         it runs in the loop thread and must be quick."""
-        return self.submit(name, request, on_step=on_step, cancel=cancel, deadline=deadline, output=output).wait()
+        return self.submit(name, request, on_step=on_step, cancel=cancel, deadline=deadline, output=output,
+                           png_scale=png_scale).wait()
 
     def submit(self, name: str, request: GenerateRequest, *, on_step: Callable[[Any], None] | None = None,
                on_done: Callable[[], None] | None = None, cancel: threading.Event | None = None,
-               deadline: float | None = None, output: str | None = None) -> Ticket:
+               deadline: float | None = None, output: str | None = None, png_scale: int = 1) -> Ticket:
         """Plan and admit `request` and hand it to the model's step loop; `Ticket.wait()` gives its result.
         `on_done` runs (in the loop thread) when it ends, however it ends."""
-        ticket = Ticket(self, name)
+        ticket = Ticket(self, name, request)
         try:
             _, served = self.model_info(name)
-            ticket.plan = self.plan(name, request, output=output)
+            ticket.plan = self.plan(name, request, output=output, png_scale=png_scale)
             self._admit(served)
         except BaseException as err:
             ticket.refuse(err)

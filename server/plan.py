@@ -31,6 +31,7 @@ from search.verifiers import validate_verifier
 
 from .errors import quote
 from .generation import GenerateRequest, GenerateResult
+from .limits import check_response_size
 
 OUTPUTS = ("png", "tensor", "text")
 PROMPT_CHARS_PER_TOKEN = 16  # a prompt_text longer than this many characters per position is refused untokenized
@@ -42,11 +43,15 @@ class Limits:
 
     max_samples: int = 256
     max_steps: int = 1000
+    max_response_bytes: int | None = None  # None: responses are not bounded (library use, queued jobs)
 
     @classmethod
     def of(cls, config, *, job: bool = False) -> Limits:
-        """The limits of a server config (`job`: a queued job may ask for up to queue_max_job_samples)."""
-        return cls(config.queue_max_job_samples if job else config.max_samples, config.max_steps)
+        """The limits of a server config (`job`: a queued job may ask for up to queue_max_job_samples, and its
+        results are paged, so no response-size bound)."""
+        if job:
+            return cls(config.queue_max_job_samples, config.max_steps)
+        return cls(config.max_samples, config.max_steps, config.max_message_bytes)
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,10 @@ class Plan:
 
 
 def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, output: str | None = None,
-              resources: Mapping[str, Any] | None = None) -> Plan:
+              png_scale: int = 1, resources: Mapping[str, Any] | None = None) -> Plan:
     """Check `request` against the model, the registries and `limits`; `output` is the response format
-    ("png", "tensor", "text"; None for library use); `resources` are what this server can build verifiers
-    from (None: not checked)."""
+    ("png", "tensor", "text"; None: the model's default), `png_scale` the PNG upscale factor; `resources`
+    are what this server can build verifiers from (None: not checked)."""
     n = request.n
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_samples:
         raise InvalidRequest(f"num_samples: {n!r} is outside [1, {limits.max_samples}]")
@@ -90,6 +95,10 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
     model, kind = loaded.model, loaded.kind
     if output is not None:
         _check_output(output, kind)
+    if limits.max_response_bytes is not None:  # refuse what the client could not receive, before compute
+        shape = (model.length,) if kind == "masked" else tuple(model.shape)
+        check_response_size(kind, shape, n, output or ("text" if kind == "masked" else "png"), png_scale,
+                            limits.max_response_bytes)
     if request.grid is not None and request.grid not in GRIDS:
         raise InvalidRequest(f"grid: unknown grid {quote(request.grid)}; expected one of {sorted(GRIDS)}")
     if kind == "masked":

@@ -57,8 +57,8 @@ def make_servicer(pb, pb_grpc, engine: Engine):
         def Generate(self, request, context):
             entry, req, output = self._prepare(request)
             out = engine.generate(entry.name, req, cancel=_cancel_event(context), deadline=_deadline(context),
-                                  output=output)
-            return convert.to_response(pb, entry.name, out, request.format)
+                                  output=output, png_scale=request.png_scale)
+            return convert.to_response(pb, entry.name, out, request.format, request.png_scale)
 
         def GenerateStream(self, request, context):
             """Progress events as the step loop reports them (previews are encoded here, not in the loop)."""
@@ -68,14 +68,16 @@ def make_servicer(pb, pb_grpc, engine: Engine):
                 raise InvalidRequest(f"preview_every: at least {engine.config.min_preview_every}")
             events: queue.Queue = queue.Queue()
             ticket = engine.submit(entry.name, req, on_step=events.put, on_done=lambda: events.put(None),
-                                   cancel=_cancel_event(context), deadline=_deadline(context), output=output)
+                                   cancel=_cancel_event(context), deadline=_deadline(context), output=output,
+                                   png_scale=request.png_scale)
             try:
                 while (info := events.get()) is not None:
                     yield progress_event(info, every)
                 result = ticket.wait()
             finally:
                 ticket.abandon()  # a stream closed early still settles its request (cancelled within a step)
-            yield pb.GenerateEvent(result=convert.to_response(pb, entry.name, result, request.format))
+            yield pb.GenerateEvent(result=convert.to_response(pb, entry.name, result, request.format,
+                                                              request.png_scale))
 
         def ListModels(self, request, context):
             return pb.ListModelsResponse(models=[convert.model_info(pb, *engine.model_info(name))

@@ -160,7 +160,6 @@ def test_response_size_is_estimated_before_compute():
     assert limits.response_bytes("diffusion", (3, 256, 256), 6, "tensor") > 6 * 3 * 256 * 256 * 4
 
 
-@pytest.mark.xfail(strict=True, reason="the request plan must call limits.check_response_size (lead, issue 16 #8)")
 def test_a_response_above_the_message_limit_is_refused_before_compute():
     with running_server({"gmm": gmm_model(delay=0.5)}, max_message_bytes=4096) as srv:
         stub, channel = stub_for(srv)
@@ -172,7 +171,6 @@ def test_a_response_above_the_message_limit_is_refused_before_compute():
     assert time.monotonic() - start < 5  # refused, not computed (10 steps of 0.5 s)
 
 
-@pytest.mark.xfail(strict=True, reason="the servicer must pass request.png_scale to convert.to_response (lead)")
 def test_png_scale_over_grpc(served):
     server, stub, _ = served
     shape = server.engine.models["gmm"].loaded.model.shape
