@@ -136,3 +136,26 @@ def tiny_flux(directory: Path, seed: int = 0, guidance_embeds: bool = True):
                         tokenizer_2=t5_tokenizer())
     pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
+
+
+def tiny_sdxl(directory: Path, seed: int = 0, force_zeros: bool = True):
+    """A StableDiffusionXLPipeline: text_time added embeddings (6 time ids x 8 + pooled 32)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                                cross_attention_dim=64, norm_num_groups=4)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        unet=unet.eval(), scheduler=scheduler, vae=tiny_vae(scaling_factor=0.13025).eval(),
+        text_encoder=CLIPTextModel(clip_text_config()).eval(), tokenizer=clip_tokenizer(directory / "_tok"),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(projection=32)).eval(),
+        tokenizer_2=clip_tokenizer(directory / "_tok2"), force_zeros_for_empty_prompt=force_zeros)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe

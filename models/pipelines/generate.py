@@ -20,7 +20,7 @@ from samplers.errors import InvalidRequest
 from samplers.hooks import Hook, report
 from samplers.noise import SampleNoise
 
-from .common import NEG, PromptGuidance, flow_prior_step, split_rows, stack_rows
+from .common import NEG, PromptGuidance, flow_prior_step, stack_rows
 from .pipeline import LatentPipeline
 
 
@@ -92,9 +92,9 @@ def condition(pipeline: LatentPipeline, request: PipelineRequest, n: int, guided
     if prompts is None:
         raise InvalidRequest(f"prompt: model {pipeline.name!r} needs a prompt")
     negatives = _prompts(request, n, "negative_prompts") if guided else None
-    if guided and negatives is None and pipeline.negative is not None:
-        neg_rows = split_rows(pipeline.negative(n))
+    if guided and negatives is None and pipeline.zero_negative:
         rows = yield from encode_prompts(pipeline, prompts)
+        neg_rows = [{k: torch.zeros_like(v) for k, v in row.items()} for row in rows]
     else:
         negatives = negatives or ([""] * n if guided else [])
         both = yield from encode_prompts(pipeline, prompts + negatives)

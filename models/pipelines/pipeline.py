@@ -19,8 +19,9 @@ class LatentPipeline:
 
     `text` is None for class-conditional families (DiT), whose cond is {"class_labels": (N,)}.
     `extra_cond(height, width, n)` adds per-sample conditioning that depends on the request (SDXL's
-    time ids, FLUX's distilled guidance, PixArt's resolution); `negative(n)` gives the negative-prompt
-    rows used when a request names none (None: encode the empty string)."""
+    time ids, FLUX's distilled guidance, PixArt's resolution); with `zero_negative` a request without a
+    negative prompt gets zero text embeddings as its unconditional half (SDXL's
+    force_zeros_for_empty_prompt) instead of the empty string's."""
 
     name: str
     family: str
@@ -35,7 +36,7 @@ class LatentPipeline:
     patch: int = 1  # latent pixels per token (dynamic shift counts tokens)
     num_classes: int | None = None
     extra_cond: Callable[[int, int, int, dict], dict] | None = None
-    negative: Callable[[int], dict] | None = None
+    zero_negative: bool = False
     info: dict = field(default_factory=dict)
 
     @property

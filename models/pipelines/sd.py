@@ -65,14 +65,17 @@ def clip_last_hidden(encoder):
 
 
 def unet_net(unet):
-    """The batchable UNet call: per-sample timesteps and text embeddings, in the UNet's dtype and device."""
+    """The batchable UNet call: per-sample timesteps, text embeddings (and SDXL's pooled text_embeds and
+    time_ids), in the UNet's dtype and device."""
     device, dtype = unet.device, unet.dtype
     learned = unet.config.out_channels == 2 * unet.config.in_channels
 
     def net(x_t, timestep, cond):
+        added = {k: cond[k].to(device, dtype) for k in ("text_embeds", "time_ids") if k in cond}  # SDXL
         with torch.inference_mode():
             out = unet(x_t.to(device, dtype), timestep.to(device),
-                       encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype)).sample
+                       encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
+                       added_cond_kwargs=added or None).sample
         out = out[:, : unet.config.in_channels] if learned else out
         return out.float().cpu()
     return net
