@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
-from samplers.errors import InvalidRequest
+from ..client import DEFAULT_SERVER, add_connection_flags, add_request_flags, connect_jobs, positive_int
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 STATE_NAMES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -28,7 +26,7 @@ def cmd_worker(args) -> int:
     url = args.redis or os.environ.get("DIFFSERVE_REDIS_URL")
     config = load_server_config(args.config, redis_url=url, queue_worker_concurrency=args.concurrency)
     if not config.redis_url:
-        raise InvalidRequest("--redis: give the queue's Redis URL (or set DIFFSERVE_REDIS_URL, or redis_url in the "
+        raise ValueError("--redis: give the queue's Redis URL (or set DIFFSERVE_REDIS_URL, or redis_url in the "
                              "config's [server] table)")
     client = connect(config.redis_url, fail_fast=False, name="diffserve-worker")
     apply_torch_threads(config)
@@ -52,36 +50,17 @@ def cmd_worker(args) -> int:
 
 
 def _stub(args):
-    import grpc
-
-    from .. import protogen
-
-    if args.ca:
-        channel = grpc.secure_channel(args.server, grpc.ssl_channel_credentials(Path(args.ca).read_bytes()))
-    else:
-        channel = grpc.insecure_channel(args.server)
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
-    return protogen.module("jobs_pb2"), protogen.module("jobs_pb2_grpc").JobsStub(channel), metadata
+    return connect_jobs(args.server, args.token, args.ca)
 
 
 def cmd_submit(args) -> int:
-    from google.protobuf import struct_pb2
-
     from .. import protogen
-    from ..cli import _parse_option
+    from ..client import generate_request
 
     pb = protogen.module("diffserve_pb2")
     jpb, stub, metadata = _stub(args)
-    options = struct_pb2.Struct()
-    options.update(dict(_parse_option(o) for o in args.option))
     formats = {"png": pb.PNG, "npy": pb.TENSOR, "text": pb.TEXT}
-    request = pb.GenerateRequest(model=args.model, sampler=args.sampler or "", steps=args.steps or 0,
-                                 num_samples=args.n, base_seed=args.seed, grid=args.grid or "",
-                                 prompt_text=args.prompt or "", options=options, format=formats[args.format])
-    if args.class_label is not None:
-        request.class_label = args.class_label
-    if args.guidance is not None:
-        request.guidance = args.guidance
+    request = generate_request(pb, args, formats[args.format])
     priority = jpb.JobPriority.Value(f"JOB_PRIORITY_{args.priority.upper()}")
     job = stub.SubmitJob(jpb.SubmitJobRequest(request=request, idempotency_key=args.idempotency_key or "",
                                               priority=priority), metadata=metadata)
@@ -175,75 +154,51 @@ def cmd_results(args) -> int:
     return 0
 
 
-def _rpc(command):
-    """A status from the server becomes a one-line error and exit status 2, not a traceback."""
-    def run(args) -> int:
-        import grpc
-
-        try:
-            return command(args)
-        except grpc.RpcError as err:
-            print(f"diffserve: error: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 2
-    return run
-
-
-def add_queue_commands(sub, client_flags) -> None:
+def add_queue_commands(sub) -> None:
     """Register the queue's subcommands on the `diffserve` parser."""
-    from models.config import DEFAULT_CONFIG
-
-    def remote(parser):
-        client_flags(parser)
-        parser.set_defaults(server=DEFAULT_SERVER)
-        parser.set_defaults(func=_rpc(parser.get_default("func")))
+    default_config = str(Path(__file__).resolve().parents[2] / "zoo" / "models.toml")
 
     wrk = sub.add_parser("worker", help="run a queue worker: take tasks from Redis, compute them, store results")
     wrk.add_argument("--redis", help="Redis URL, e.g. redis://:PASSWORD@HOST:6379/0 or rediss://... (default: "
                                      "$DIFFSERVE_REDIS_URL, or redis_url in the config)")
-    wrk.add_argument("--config", default=str(DEFAULT_CONFIG), help="models config (TOML); default: the zoo")
+    wrk.add_argument("--config", default=default_config, help="models config (TOML); default: the zoo's")
     wrk.add_argument("--name", help="consumer name (default: HOST-PID-RANDOM); a stable name resumes its own tasks")
-    wrk.add_argument("--concurrency", type=int, help="tasks at once (default: queue_worker_concurrency, 4)")
+    wrk.add_argument("--concurrency", type=positive_int, help="tasks at once (default: queue_worker_concurrency, 4)")
     wrk.add_argument("--metrics-port", type=int, help="serve this worker's Prometheus /metrics on this port")
     wrk.set_defaults(func=cmd_worker)
 
     sbm = sub.add_parser("submit", help="queue a batch job on a server; prints the job id")
-    sbm.add_argument("--model", required=True)
-    sbm.add_argument("--sampler")
-    sbm.add_argument("--steps", type=int)
-    sbm.add_argument("--class", dest="class_label", type=int)
-    sbm.add_argument("--guidance", type=float)
-    sbm.add_argument("--n", type=int, default=16, help="number of samples")
-    sbm.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample k uses seed + k)")
-    sbm.add_argument("--grid")
-    sbm.add_argument("--option", action="append", default=[], help="sampler option KEY=VALUE (repeatable)")
-    sbm.add_argument("--prompt")
-    sbm.add_argument("--format", choices=("png", "npy", "text"), default="png")
+    add_request_flags(sbm)
+    sbm.add_argument("--format", choices=("png", "npy", "text"), default="png",
+                     help="how results are stored: png (images), npy (raw tensors) or text (text models); "
+                          "default png")
     sbm.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
-    sbm.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
+    sbm.add_argument("--priority", choices=("high", "normal", "low"), default="normal",
+                     help="workers take high before normal before low (default normal)")
     sbm.set_defaults(func=cmd_submit)
-    remote(sbm)
+    add_connection_flags(sbm, DEFAULT_SERVER)
 
     job = sub.add_parser("job", help="show a job; --watch follows it with a progress bar until it ends")
-    job.add_argument("id")
-    job.add_argument("--watch", action="store_true")
+    job.add_argument("id", help="the job id `submit` printed")
+    job.add_argument("--watch", action="store_true", help="follow the job until it ends (Ctrl-C stops watching)")
     job.add_argument("--quiet", action="store_true", help="no progress bar")
     job.set_defaults(func=cmd_job)
-    remote(job)
+    add_connection_flags(job, DEFAULT_SERVER)
 
-    jobs = sub.add_parser("jobs", help="list recent jobs")
-    jobs.add_argument("--state", choices=STATE_NAMES)
-    jobs.add_argument("--limit", type=int, default=20)
+    jobs = sub.add_parser("jobs", help="list recent jobs, newest first")
+    jobs.add_argument("--state", choices=STATE_NAMES, help="only jobs in this state")
+    jobs.add_argument("--limit", type=positive_int, default=20, help="at most this many jobs (default 20)")
     jobs.set_defaults(func=cmd_jobs)
-    remote(jobs)
+    add_connection_flags(jobs, DEFAULT_SERVER)
 
     cancel = sub.add_parser("cancel", help="cancel a job")
-    cancel.add_argument("id")
+    cancel.add_argument("id", help="the job id")
     cancel.set_defaults(func=cmd_cancel)
-    remote(cancel)
+    add_connection_flags(cancel, DEFAULT_SERVER)
 
     res = sub.add_parser("results", help="write a succeeded job's samples into a directory")
-    res.add_argument("id")
-    res.add_argument("--out", required=True)
-    res.add_argument("--page-size", type=int, default=256)
+    res.add_argument("id", help="the job id")
+    res.add_argument("--out", required=True, help="directory for NNNNNN.png / .npy / .txt and seeds.csv")
+    res.add_argument("--page-size", type=positive_int, default=256, help="samples per request (default 256)")
     res.set_defaults(func=cmd_results)
-    remote(res)
+    add_connection_flags(res, DEFAULT_SERVER)
