@@ -159,3 +159,18 @@ def tiny_sdxl(directory: Path, seed: int = 0, force_zeros: bool = True):
         tokenizer_2=clip_tokenizer(directory / "_tok2"), force_zeros_for_empty_prompt=force_zeros)
     pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
+
+
+def tiny_dit(directory: Path, seed: int = 0):
+    """A DiTPipeline: 2-layer DiTTransformer2DModel with learned sigma (8 output channels), 1000 classes."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                        num_attention_heads=2, in_channels=4, out_channels=8,
+                                        activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                        norm_type="ada_norm_zero", norm_elementwise_affine=False)
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=tiny_vae().eval(),
+                       scheduler=DDIMScheduler(clip_sample=False))
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe

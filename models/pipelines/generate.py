@@ -123,7 +123,7 @@ def _class_cond(pipeline, request, n, guided):
         raise InvalidRequest(f"class_label: must lie in [0, {pipeline.num_classes - 1}]")
     cond = {"class_labels": labels}
     if guided:
-        cond[NEG + "class_labels"] = torch.full_like(labels, pipeline.num_classes)  # the null class
+        cond[NEG + "class_labels"] = torch.full_like(labels, pipeline.info.get("null_class", pipeline.num_classes))
     return cond
 
 

@@ -44,6 +44,10 @@ class LatentPipeline:
         return self.text is not None
 
     def check_size(self, height: int, width: int) -> None:
+        sizes = self.info.get("sizes")
+        if sizes is not None and [height, width] not in [list(s) for s in sizes]:
+            raise InvalidRequest(f"height, width: model {self.name!r} generates only at {sizes} (got "
+                                 f"{height}x{width})")
         step = self.factor * self.patch
         for key, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < step or value % step:
