@@ -84,6 +84,18 @@ def categorical(q: torch.Tensor, u: torch.Tensor, precision: str = "float64") ->
     return (q / exp_noise).argmax(-1)
 
 
+def inverse_cdf(p: torch.Tensor, u: torch.Tensor, precision: str = "float64") -> torch.Tensor:
+    """One draw per row of the categorical p (normalised over the last dim) from one uniform u per row:
+    the first index whose cumulative probability exceeds u (float32: the CDF and u in float32, u on the
+    2^-24 grid of torch.rand, which cuts off tokens whose mass falls below float32 resolution)."""
+    if precision == "float32":
+        cdf, u = p.float().cumsum(-1), (torch.floor(u * 2.0**24) * 2.0**-24).float()
+    else:
+        cdf, u = p.double().cumsum(-1), u.double()
+    index = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+    return index.clamp_max(p.shape[-1] - 1)
+
+
 def probabilities(model: MaskedDenoiser, logits: torch.Tensor, temperature: float, top_k: int,
                   top_p: float, precision: str) -> torch.Tensor:
     """p_theta over real tokens: forbidden ids removed, then temperature, top-k, top-p (nucleus)."""
@@ -207,17 +219,18 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
     tau_{n-1} = tau_n u^(1/n); by exchangeability the token unmasked then is a uniformly chosen masked
     position, drawn from p_theta. The network ignores time, so tau only reaches the hook. One token per
     step: a sequence with n masks takes exactly n steps and n network calls. Each sequence keeps its own
-    tau and n; one that is done leaves the batch.
+    tau and n; one that is done leaves the batch.  Three uniforms per sample and step: the time, the
+    position, and its token by inverse CDF (not one per vocabulary entry).
     """
     x = tokens.clone()
-    batch, vocab = x.shape[0], model.vocab_size
+    batch = x.shape[0]
     n = (x == model.mask_id).sum(1)
     tau = torch.ones(batch, dtype=torch.float64)
     nfe = torch.zeros(batch, dtype=torch.int64)
     steps = int(n.max())
     for i in range(steps):
         rows = (n > 0).nonzero()[:, 0]
-        u = noise.subset(rows.tolist()).rand((vocab + 2,))  # per sample: [time, position, V tokens]
+        u = noise.subset(rows.tolist()).rand((3,))  # per sample: [time, position, token]
         tau_before = float(tau[rows].mean())
         tau[rows] *= u[:, 0] ** (1.0 / n[rows])
         xs = x[rows]
@@ -227,7 +240,7 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
         j = torch.minimum((u[:, 1] * n[rows]).long(), n[rows] - 1)  # the j-th masked position, uniform
         pos = (masked & (masked.cumsum(1) == (j + 1)[:, None])).long().argmax(1)
         p = probabilities(model, logits[torch.arange(len(rows)), pos], temperature, top_k, top_p, precision)
-        x[rows, pos] = categorical(p, u[:, 2:], precision)
+        x[rows, pos] = inverse_cdf(p, u[:, 2], precision)  # only the unmasking position's token is drawn
         n[rows] -= 1
         if hook is not None:
             x0_hat = x.clone()

@@ -258,3 +258,29 @@ def test_missing_or_mismatched_seeds_are_refused():
         run_masked_sampler("first_hitting", JointDenoiser(), tokens)
     with pytest.raises(InvalidRequest, match="1 seeds for 2 sequences"):
         run_masked_sampler("first_hitting", JointDenoiser(), tokens, noise=SampleNoise([0]))
+
+
+class WideVocabulary(JointDenoiser):
+    """The same joint over a vocabulary padded with `extra` never-sampled ids (a real tokenizer's 30k ids)."""
+
+    def __init__(self, extra: int):
+        super().__init__()
+        self.vocab_size = REAL + 2 + extra  # the extra ids get the pad's high logit, and are forbidden
+        self.forbidden = (PAD, MASK, *range(REAL + 2, REAL + 2 + extra))
+
+
+def test_first_hitting_draws_one_uniform_per_token_whatever_the_vocabulary():
+    """FHS picks the unmasking position first and draws only that token, by inverse CDF from one uniform:
+    its random stream, and so every sample, does not depend on how many ids the vocabulary has."""
+    small, _ = sample("first_hitting", JointDenoiser(), 64)
+    wide, _ = sample("first_hitting", WideVocabulary(extra=5000), 64)
+    assert torch.equal(small, wide)
+
+
+def test_inverse_cdf_draws_the_categorical():
+    from samplers.masked import inverse_cdf
+
+    p = torch.tensor([0.5, 0.0, 0.2, 0.3], dtype=torch.float64)
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts = torch.bincount(inverse_cdf(p.expand(len(u), -1), u), minlength=4).double()
+    assert counts[1] == 0 and stats.chisquare(counts[[0, 2, 3]], len(u) * p[[0, 2, 3]].numpy()).pvalue > 1e-3
