@@ -45,11 +45,14 @@ def evo_plan(budget: int, steps: int, generations: int, initial_factor: float,
     return (), (budget // steps,)
 
 
-def _select(archive: torch.Tensor, rewards: torch.Tensor, k: int, elites: int, streams: Streams):
+def _select(archive: torch.Tensor, rewards: torch.Tensor, k: int, elites: int, streams: Streams,
+            keep_one_mutant: bool = True):
     """Elitism (top-m of the archive, unmutated) + tournament selection over floor(0.9 |archive|) random
-    members per cycle for the other k - m; returns (children (G, k, ...), number of elites)."""
+    members per cycle for the other k - m; returns (children (G, k, ...), number of elites).  m <= k always
+    (the code would keep all m elites and overspend the schedule); `keep_one_mutant` also leaves one mutant."""
     g, size = rewards.shape
-    m = min(elites, k - 1) if k > 1 else k
+    m = min(elites, k - 1) if k > 1 and keep_one_mutant else min(elites, k)
+    m = min(m, size)
     top = rewards.topk(m, dim=1).indices
     b = max(1, int(size * 0.9))
     parents = torch.empty(g, k - m, dtype=torch.int64)
@@ -61,10 +64,17 @@ def _select(archive: torch.Tensor, rewards: torch.Tensor, k: int, elites: int, s
     return archive[torch.arange(g)[:, None], idx], m
 
 
+def _prior_std_at(model, sigma: float) -> float:
+    """The initial noise's std in VE coordinates at level sigma: prior std (model coordinates) / alpha."""
+    process = model.process
+    t = process.t_of_kappa(torch.tensor(sigma, dtype=torch.float64))
+    return process.prior_std() / float(process.alpha(t))
+
+
 def evosearch(model: CountedModel, verifier, *, steps: int, cond, streams: Streams, tracker: Tracker,
               sampler: str = "ddpm", grid: str = "uniform_lambda", generations: int = 4,
               evolution_steps: tuple[int, ...] = (), initial_factor: float = 2.0, elites: int = 2,
-              mutation_rate: float = 0.3, sampler_options: dict | None = None):
+              mutation_rate: float = 0.3, convention: str = "paper", sampler_options: dict | None = None):
     """EvoSearch with a stochastic `sampler` (DDIM eta = 1 = "ddpm" for diffusion, "dpmpp_2m_sde" for flows).
 
     Per generation g at step e_g: roll the population out to x0 (caching its states at every later e_g'
@@ -74,11 +84,15 @@ def evosearch(model: CountedModel, verifier, *, steps: int, cond, streams: Strea
     intermediate states with sigma_t the sampler's own noise std on the step that produced the state.
     Returns the best x0 ever scored (the code's rule).
 
-    Choices where paper and code differ: states are cached *before* the denoise call at e_g (paper
-    Alg. 2), so a child is fed back at the noise level it was taken at; the code caches the output of
-    step e_g and feeds it back as the input of step e_g.  The initial-noise rule is used for states at
-    step 0 (the code uses it for generation 0 wherever it starts).  beta = 0.3 (paper; the code's 0.2 via
-    `mutation_rate`).  Tournament size floor(0.9 |archive|) (code; the paper says only b < k)."""
+    `convention` picks where paper and official code differ.  "paper" (Alg. 2): states are cached *before*
+    the denoise call at e_g, so a child is fed back at the noise level it was taken at; the initial-noise
+    rule is used for states at step 0 only; at least one mutant per generation.  "code" (SD2.1/evo_pipe.py):
+    the archive of e_g holds the *output* of step e_g, the children are fed back as the *input* of step
+    e_g (one level cleaner than the model is told), generation 0 always takes the Gaussian-preserving rule
+    (in model coordinates: beta eps / alpha of the state's level), later ones the std of step e_g, and
+    all m elites are kept (m <= k).  Both: beta = 0.3 (paper; the code's default 0.2 via `mutation_rate`),
+    tournament size floor(0.9 |archive|) (code; the paper says only b < k), the best x0 ever scored returned.
+    On the exact mixture the two conventions give the same rewards within noise (docs/search.md)."""
     budget = model.budget
     sigmas = schedule(model, steps, grid)
     e, pops = evo_plan(budget.remaining, steps, generations, initial_factor, tuple(evolution_steps))
@@ -104,28 +118,32 @@ def evosearch(model: CountedModel, verifier, *, steps: int, cond, streams: Strea
     if not e:  # no generation fits: best-of-N with the SDE sampler
         score((yield from run(x, 0, steps, k)), k, "best-of-n")
         return tracker.result(streams.seeds)
+    code = convention == "code"
     x = yield from run(x, 0, e[0], k)
-    archive = [[] for _ in e]  # per generation: list of ((G, k, ...) states, pending index)
+    archive = [[] for _ in e]  # per generation: the (G, k, ...) states cached at its evolution step
     rewards = [[] for _ in e]
     for g in range(len(e)):
-        pending, y = [g], x
-        archive[g].append(x.reshape(g_n, k, *shape))
-        for h in range(g, len(e)):
-            y = yield from run(y, ends[h], ends[h + 1], k)
-            if h + 1 < len(e):
-                archive[h + 1].append(y.reshape(g_n, k, *shape))
-                pending.append(h + 1)
-        r = score(y, k, f"generation {g}")
-        for h in pending:  # R[g'] stays index-aligned with P[g']
+        y, pos = x, e[g]
+        for h in range(g, len(e)):  # roll out to x0, caching at every later evolution step
+            mark = e[h] + 1 if code else e[h]  # code: the output of step e_h; paper: its input
+            if mark > pos:
+                y = yield from run(y, pos, mark, k)
+            archive[h].append(y.reshape(g_n, k, *shape))
+            pos = mark
+        r = score((yield from run(y, pos, steps, k)), k, f"generation {g}")
+        for h in range(g, len(e)):  # R[g'] stays index-aligned with P[g']
             rewards[h].append(r)
-        children, m = _select(torch.cat(archive[g], 1), torch.cat(rewards[g], 1), pops[g + 1], elites, streams)
+        children, m = _select(torch.cat(archive[g], 1), torch.cat(rewards[g], 1), pops[g + 1], elites, streams,
+                              keep_one_mutant=not code)
         k = pops[g + 1]
         mutants = children[:, m:].reshape(-1, *shape)
         eps = streams.particles(k - m, "mutation").randn(shape) if k > m else torch.zeros_like(mutants)
-        if e[g] == 0:
-            mutants = math.sqrt(1 - mutation_rate**2) * mutants + mutation_rate * initial_scale(model) * eps
-        else:
-            mutants = mutants + step_noise_std(sampler, float(sigmas[e[g] - 1]), float(sigmas[e[g]]), opts) * eps
+        if (g == 0) if code else (e[g] == 0):  # Gaussian-preserving: sqrt(1 - beta^2) x + beta eps (eq. 7)
+            scale = _prior_std_at(model, float(sigmas[e[g] + 1])) if code else initial_scale(model)
+            mutants = math.sqrt(1 - mutation_rate**2) * mutants + mutation_rate * scale * eps
+        else:  # x + sigma_t eps (eq. 8), sigma_t the sampler's noise std on the step that produced the state
+            a = e[g] if code else e[g] - 1
+            mutants = mutants + step_noise_std(sampler, float(sigmas[a]), float(sigmas[a + 1]), opts) * eps
         x = torch.cat([children[:, :m], mutants.reshape(g_n, k - m, *shape)], 1).reshape(-1, *shape)
         x = yield from run(x, e[g], ends[g + 1], k)
     score(x, k, "final population")

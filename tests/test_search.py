@@ -256,3 +256,79 @@ def test_catalog_is_json_and_lists_every_method_and_verifier():
     assert evo["options"]["mutation_rate"] == {"type": "float", "default": 0.3, "minimum": 0.0, "maximum": 1.0,
                                                "choices": None, "help": evo["options"]["mutation_rate"]["help"]}
     assert evo["options"]["evolution_steps"]["type"] == "list[int]"
+
+
+def _official_evosearch(model, verifier, seed, steps, e, pops, elites, beta):
+    """EvoSearch as the official code runs it (SD2.1/evo_pipe.py `generate` + `evosearch`, DDIM eta = 1),
+    written out plainly on the VP process, drawing the same random streams in the same order as
+    search/evosearch.py.  The archive of generation g holds the output of step e_g, the children re-enter the
+    main loop as the input of step e_g, generation 0 mutates with sqrt(1 - beta^2) x + beta eps in model
+    (VP) coordinates, later generations add the DDIM eta = 1 std of step e_g, the best x0 ever scored wins."""
+    import math
+
+    from samplers import run_sampler
+    from search.core import Streams
+    from search.trajectory import schedule
+
+    streams, sig, n, shape = Streams([seed]), schedule(model, steps), len(e), tuple(model.shape)
+    ends = list(e) + [steps]
+
+    def seg(x, lo, hi):  # a segment's noise streams are drawn even when it is empty, as search/evosearch.py does
+        noise = streams.particles(len(x), "sde")
+        return run_sampler("ddpm", model, x, sig[lo:hi + 1], None, noise=noise)[0] if hi > lo else x
+
+    def ddim_eta1_std(s, s_next):  # VE coordinates: the DDPM posterior std divided by alpha_next
+        return s_next * math.sqrt(1 - s_next**2 / s**2)
+
+    best = [-math.inf, None]
+
+    def score(x0):
+        r = verifier(x0).double()
+        if float(r.max()) > best[0]:
+            best[0], best[1] = float(r.max()), x0[int(r.argmax())]
+        return r
+
+    x = seg(streams.particles(pops[0], "initial").randn(shape) * math.sqrt(1 + float(sig[0]) ** 2), 0, e[0])
+    archive, rewards = [[] for _ in e], [[] for _ in e]
+    for g in range(n):
+        y, at = x, e[g]
+        for h in range(g, n):  # the full rollout from e_g, caching the output of every later evolution step
+            y = seg(y, at, e[h] + 1)
+            archive[h].append(y)
+            at = e[h] + 1
+        r = score(seg(y, at, steps))
+        for h in range(g, n):
+            rewards[h].append(r)
+        pop, rew = torch.cat(archive[g]), torch.cat(rewards[g])
+        k = pops[g + 1]
+        m = min(elites, k, len(pop))
+        parents = []
+        for _ in range(k - m):  # tournament over floor(0.9 N) random archive members
+            cand = torch.randperm(len(pop), generator=streams.selection[0])[: max(1, int(0.9 * len(pop)))]
+            parents.append(pop[cand[rew[cand].argmax()]])
+        children = pop[rew.topk(m).indices]
+        if parents:
+            eps = streams.particles(k - m, "mutation").randn(shape)
+            level, s = float(sig[e[g] + 1]), float(sig[e[g]])
+            if g == 0:  # alpha = 1 / sqrt(1 + sigma^2) on the VP process: eps / alpha in VE coordinates
+                mutants = math.sqrt(1 - beta**2) * torch.stack(parents) + beta * math.sqrt(1 + level**2) * eps
+            else:
+                mutants = torch.stack(parents) + ddim_eta1_std(s, level) * eps
+            children = torch.cat([children, mutants])
+        x = seg(children, e[g], ends[g + 1])  # one level cleaner than the model is told, as in the code
+    score(x)
+    return best[1]
+
+
+@pytest.mark.parametrize("evolution_steps", [[], [2, 5, 7]])
+def test_evosearch_code_convention_reproduces_the_official_recursion(evolution_steps):
+    model = MIXTURE.denoiser(DiscreteVP.from_schedule(), "eps", conditional=False)
+    options = {"convention": "code", "sampler": "ddpm", "elites": 2, "mutation_rate": 0.2,
+               "evolution_steps": evolution_steps}
+    result = run_search("evosearch", model, verifier=COMPONENT, budget_nfe=200, seeds=[3, 4], steps=10,
+                        options=options)
+    e, pops = evo_plan(200, 10, 4, 2.0, tuple(evolution_steps))
+    assert result.nfe == evo_nfe(e, pops, 10)
+    for i, seed in enumerate((3, 4)):
+        expected = _official_evosearch(model, COMPONENT, seed, 10, e, pops, elites=2, beta=0.2)
+        torch.testing.assert_close(result.samples[i], expected.to(result.samples.dtype))
