@@ -174,3 +174,20 @@ def tiny_dit(directory: Path, seed: int = 0):
                        scheduler=DDIMScheduler(clip_sample=False))
     pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
+
+
+def tiny_pixart(directory: Path, seed: int = 0):
+    """A PixArtSigmaPipeline: 2-layer PixArtTransformer2DModel (learned sigma) over a tiny T5."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=3, caption_channels=32, in_channels=4,
+                                           cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                           activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                           norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                           norm_eps=1e-6)
+    pipe = PixArtSigmaPipeline(transformer=transformer.eval(), vae=tiny_vae().eval(), text_encoder=tiny_t5(),
+                               tokenizer=t5_tokenizer(), scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe

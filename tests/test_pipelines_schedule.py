@@ -16,7 +16,8 @@ from models.pipelines.schedule import map_schedule
 from samplers.spacing import flow_mu
 
 SD = dict(PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                        skip_prk_steps=True, set_alpha_to_one=False).config, _class_name="PNDMScheduler")
+                        skip_prk_steps=True, set_alpha_to_one=False).config, _class_name="PNDMScheduler",
+          clip_sample=False)
 for key in list(SD):
     if key.startswith("_use"):
         SD.pop(key)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from samplers import spacing
+from samplers.errors import InvalidRequest
 from samplers.processes import DiscreteVP, Process, RectifiedFlow
 
 from ..diffusers_loader import FLOW_SCHEDULERS, PREDICTION_TYPES, VP_SCHEDULERS, UnsupportedConfig
@@ -103,6 +104,10 @@ class Schedule:
             return spacing.flow_kappas(self.flow_times(steps, image_seq_len))
         rule = self.rule(sampler)
         config = {**RULE_DEFAULTS[rule], **self.config}
+        if rule == "ddim" and "clip_sample" not in config:
+            raise InvalidRequest(f"model {self.model!r}: scheduler config field 'clip_sample' is missing, and "
+                                    "diffusers' DDIM then clips the data prediction to [-1, 1], which our samplers "
+                                    f"do not apply; sampler {sampler!r} is refused on this model (use euler)")
         table = self.process.kappa(torch.arange(len(self.process.betas), dtype=torch.float64)).numpy()
         if rule == "ddim":
             final = "zero" if config["set_alpha_to_one"] else "sigma_min"
@@ -118,7 +123,7 @@ class Schedule:
         mu = None
         if c.get("use_dynamic_shifting"):
             if image_seq_len is None:
-                raise UnsupportedConfig(f"model {self.model!r}: use_dynamic_shifting needs the image size")
+                raise InvalidRequest(f"model {self.model!r}: use_dynamic_shifting needs the image size")
             mu = spacing.flow_mu(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                                  c.get("base_shift", 0.5), c.get("max_shift", 1.15))
         start = np.linspace(1.0, 1.0 / steps, steps) if self.flow_start == "pipeline_linspace" else None
