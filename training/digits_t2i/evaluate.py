@@ -1,15 +1,41 @@
-"""Evaluation of digits-t2i through diffusers' own StableDiffusionPipeline on the saved directory."""
+"""Evaluation of digits-t2i through diffusers' own StableDiffusionPipeline on the saved directory.
+
+Every number comes from ``StableDiffusionPipeline.from_pretrained(dir)`` with its ``DPMSolverMultistepScheduler``
+(defaults: 20 steps, guidance 4), per-sample generators seeded ``NOISE_SEED + k``. Generated 16x16 images are
+reduced to the classifiers' 8x8 input by 2x2 averaging (exact on real digits, see :mod:`.data`); then
+  * class acc: classifier B (held out; never used in training or to pick anything) agrees with the prompt's digit;
+  * attribute acc: the measured attribute is on the prompt's side of the class median of the training digits
+    ("bold": more ink than the median digit of its class); strict: in the named tercile / quartile, the same
+    thresholds that wrote the training captions (a real digit chosen at random: 0.5 and 1/3 or 1/4);
+  * digits-FD against the 359 held-out digits (the floor: as many class-balanced real training digits).
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import torch
 
-from training.digits_t2i._compat import Logger
+from training.digits_t2i import data
+from training.digits_t2i._compat import (
+    Logger,
+    balanced_real_subset,
+    class_accuracy,
+    frechet_distance,
+    get_classifier_b,
+    train_split,
+)
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 4.0
+GUIDANCES = (1.0, 2.0, 4.0, 7.5)
+STEPS = (5, 10, 20)
+NOISE_SEED = 1234
+N_PER = 10  # samples per (digit, form): 10 x 5 x 10 = 500 (the eval costs ~12 minutes on a shared core)
+FORMS = ("plain", "bold", "thin", "left", "right")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_pipeline(path: Path):
@@ -48,10 +74,190 @@ def generate(
     return torch.cat(outs)
 
 
+def form_prompt(label: int, form: str) -> str:
+    thick = form if form in ("bold", "thin") else None
+    lean = form if form in ("left", "right") else None
+    return data.caption(label, thick, lean, style=0)
+
+
+def prompt_set(forms=FORMS, n_per: int = N_PER) -> tuple[list[str], torch.Tensor, list[str], list[int]]:
+    prompts, labels, fs = [], [], []
+    for f in forms:
+        for d in range(10):
+            prompts += [form_prompt(d, f)] * n_per
+            labels += [d] * n_per
+            fs += [f] * n_per
+    return prompts, torch.tensor(labels), fs, [NOISE_SEED + k for k in range(len(prompts))]
+
+
+class Scorer:
+    """Classifier B, digits-FD and the attribute measurements against the training digits' statistics."""
+
+    def __init__(self, thresholds: dict) -> None:
+        self.clf = get_classifier_b(REPO / "zoo" / "digit-classifier-b")
+        self.thr = thresholds
+        self.x_train, self.y_train = train_split()
+        ink, sl = data.ink_mass(self.x_train), data.slant(self.x_train)
+        self.ink_med = torch.stack([ink[self.y_train == c].median() for c in range(10)])
+        self.slant_med = torch.stack([sl[self.y_train == c].median() for c in range(10)])
+
+    def attributes(self, x8: torch.Tensor, labels: torch.Tensor, forms: list[str]) -> dict:
+        m = data.measure(x8, labels, self.thr)
+        out = {}
+        for f, sign, key, med in (
+            ("bold", 1, "thickness", self.ink_med),
+            ("thin", -1, "thickness", self.ink_med),
+            ("right", 1, "lean", self.slant_med),
+            ("left", -1, "lean", self.slant_med),
+        ):
+            sel = torch.tensor([g == f for g in forms])
+            if not sel.any():
+                continue
+            val = m["ink" if key == "thickness" else "slant"][sel]
+            side = sign * (val - med[labels[sel]]) > 0
+            out[f] = {"acc": float(side.float().mean()), "strict": float((m[key][sel] == sign).float().mean())}
+        return out
+
+    def score(self, x16: torch.Tensor, labels: torch.Tensor, forms: list[str], fd: bool = True) -> dict:
+        x8 = data.to_classifier(x16)
+        row: dict = {"n": len(x8), "class_acc": class_accuracy(x8, labels, classifier=self.clf)}
+        for f in dict.fromkeys(forms):
+            sel = torch.tensor([g == f for g in forms])
+            row[f"class_acc_{f}"] = class_accuracy(x8[sel], labels[sel], classifier=self.clf)
+        attrs = self.attributes(x8, labels, forms)
+        if attrs:
+            row["attributes"] = attrs
+            row["attr_acc"] = sum(a["acc"] for a in attrs.values()) / len(attrs)
+            row["attr_strict"] = sum(a["strict"] for a in attrs.values()) / len(attrs)
+        if fd:
+            row["fd"] = frechet_distance(x8, classifier=self.clf)["fd"]
+        return row
+
+    def ink_quantile(self, x16: torch.Tensor, labels: torch.Tensor) -> float:
+        return float(data.ink_quantile(data.to_classifier(x16), labels, self.x_train, self.y_train).mean())
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 4)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+def sample_grid(pipe, path: Path) -> None:
+    """Rows: digits 0-9; columns: "a seven" x2, "a bold seven" x2, "a thin seven" x2, slanted left, slanted right."""
+    from PIL import Image
+
+    cols = ["plain", "plain", "bold", "bold", "thin", "thin", "left", "right"]
+    prompts = [form_prompt(d, f) for d in range(10) for f in cols]
+    x = generate(pipe, prompts, [NOISE_SEED + k for k in range(len(prompts))])
+    tiles = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+    s, gap = 4, 4
+    size = 16 * s
+    img = Image.new("L", (len(cols) * (size + gap) + gap, 10 * (size + gap) + gap), 255)
+    for k, t in enumerate(tiles):
+        tile = Image.fromarray(t.numpy()).resize((size, size), Image.NEAREST)
+        img.paste(tile, (gap + (k % len(cols)) * (size + gap), gap + (k // len(cols)) * (size + gap)))
+    img.save(path)
+
+
 def run(out: Path, quick: bool, log: Logger) -> dict:
     pipe = load_pipeline(out)
     if quick:
         x = generate(pipe, ["a bold seven", ""], [0, 1], steps=2)
         log(f"quick check: generated {tuple(x.shape)}, finite {bool(torch.isfinite(x).all())}")
         return {"shape": list(x.shape)}
-    raise NotImplementedError
+    info = json.loads((out / "train_info.json").read_text())
+    sc = Scorer(info["attribute_thresholds"])
+    m: dict = {"defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "scheduler": "DPMSolverMultistep"}}
+    prompts, labels, forms, seeds = prompt_set()
+
+    def timed(name: str, fn):
+        t0 = time.time()
+        res = fn()
+        log(f"{name} ({time.time() - t0:.0f} s): {_rounded(res)}")
+        return res
+
+    x_real, y_real = train_split()
+    g = torch.Generator().manual_seed(99)
+    m["floor"] = timed(
+        "floor",
+        lambda: {
+            "n": len(prompts),
+            "fd_real_n": sum(
+                frechet_distance(balanced_real_subset(len(prompts), g), classifier=sc.clf)["fd"] for _ in range(3)
+            )
+            / 3,
+            "real_train": sc.score(data.upsample(x_real), y_real, ["plain"] * len(y_real)),
+        },
+    )
+    m["vae"] = timed("vae", lambda: vae_roundtrip(pipe, sc))
+    m["guidance"] = {}
+    for w in GUIDANCES:
+        x = generate(pipe, prompts, seeds, guidance=w)
+        m["guidance"][str(w)] = timed(f"guidance {w}", lambda x=x: sc.score(x, labels, forms))
+    m["steps"] = {}
+    for s in STEPS:
+        if s == DEFAULT_STEPS:
+            m["steps"][str(s)] = m["guidance"][str(DEFAULT_GUIDANCE)]
+            continue
+        x = generate(pipe, prompts, seeds, steps=s)
+        m["steps"][str(s)] = timed(f"steps {s}", lambda x=x: sc.score(x, labels, forms))
+    m["goal"] = timed("a bold seven", lambda: goal(pipe, sc))
+    m["negative"] = timed("negative prompt", lambda: negative(pipe, sc))
+    m["phrasings"] = timed("phrasings", lambda: phrasings(pipe, sc))
+    m = _rounded(m)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    sample_grid(pipe, out / "samples.png")
+    from training.digits_t2i.card import write_card
+
+    write_card(out, info, m)
+    return m
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe, sc: Scorer) -> dict:
+    """The 1438 training digits through encode (posterior mean) -> decode: FD and classifier-B accuracy."""
+    x, y = train_split()
+    x16 = data.upsample(x)
+    rec = pipe.vae.decode(pipe.vae.encode(x16).latent_dist.mean).sample.clamp(-1, 1)
+    return {**sc.score(rec, y, ["plain"] * len(y)), "mse_16": float(((rec - x16) ** 2).mean())}
+
+
+def goal(pipe, sc: Scorer, n: int = 100) -> dict:
+    """The issue's target: "a bold seven" at the default steps and guidance."""
+    labels = torch.full((n,), 7)
+    x = generate(pipe, ["a bold seven"] * n, [NOISE_SEED + k for k in range(n)])
+    return {**sc.score(x, labels, ["bold"] * n, fd=False), "ink_quantile": sc.ink_quantile(x, labels)}
+
+
+def negative(pipe, sc: Scorer, n_per: int = 10) -> dict:
+    """ "a seven" (every digit) with no negative prompt, with "bold" and with "thin" as the negative prompt."""
+    prompts, labels, _, seeds = prompt_set(("plain",), n_per)
+    out = {}
+    for neg in (None, "bold", "thin"):
+        x = generate(pipe, prompts, seeds, negative=neg)
+        x8 = data.to_classifier(x)
+        mes = data.measure(x8, labels, sc.thr)
+        out[neg or "none"] = {
+            "class_acc": class_accuracy(x8, labels, classifier=sc.clf),
+            "ink_quantile": sc.ink_quantile(x, labels),
+            "ink_mass": float(mes["ink"].mean()),
+            "frac_bold": float((mes["thickness"] == 1).float().mean()),
+            "frac_thin": float((mes["thickness"] == -1).float().mean()),
+        }
+    return {"n_per": n_per, "rows": out}
+
+
+def phrasings(pipe, sc: Scorer, n_per: int = 10) -> dict:
+    """Class accuracy of the other phrasings: "7", "the digit 7", "seven" (and "a seven" in the main set)."""
+    out = {}
+    for style, name in ((2, "7"), (1, "the digit 7"), (3, "seven")):
+        prompts = [data.caption(d, None, None, style) for d in range(10) for _ in range(n_per)]
+        labels = torch.arange(10).repeat_interleave(n_per)
+        x = generate(pipe, prompts, [NOISE_SEED + k for k in range(len(prompts))])
+        out[name] = class_accuracy(data.to_classifier(x), labels, classifier=sc.clf)
+    return out

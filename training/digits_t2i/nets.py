@@ -44,7 +44,7 @@ def build_text_encoder(tokenizer, quick: bool = False) -> CLIPTextModel:
     return CLIPTextModel(cfg)
 
 
-def build_unet(quick: bool = False, width: int = 64) -> UNet2DConditionModel:
+def build_unet(quick: bool = False, width: int = 32) -> UNet2DConditionModel:
     """8x8x4 latents, cross-attention to the text states at 8x8 and 4x4 and in the middle block."""
     ch = (16, 32) if quick else (width, 2 * width)
     return UNet2DConditionModel(

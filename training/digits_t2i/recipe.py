@@ -86,22 +86,26 @@ def train(args: argparse.Namespace, out: Path, log: Logger) -> dict:
     bank = data.CaptionBank(tokenizer, y, codes, budget.p_empty)
     model = TextToImage(nets.build_unet(args.quick), nets.build_text_encoder(tokenizer, args.quick))
     log(f"UNet2DConditionModel {n_params(model.unet):,} params, CLIPTextModel {n_params(model.text_encoder):,}")
-    abar = torch.tensor(nets.build_scheduler().alphas_cumprod, dtype=torch.float32)
-    model, unet_info = train_unet(model, mu * scale, bank, abar, budget, args.seed, log)
+    abar = nets.build_scheduler().alphas_cumprod.float()
 
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=model.text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=model.unet.eval(),
-        scheduler=nets.build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    for n, text in vocab_files.items():  # the slow-tokenizer files, beside tokenizer.json
-        (out / "tokenizer" / n).write_text(text)
+    def save(m: TextToImage, step: int | None = None) -> None:
+        StableDiffusionPipeline(
+            vae=vae.eval(),
+            text_encoder=m.text_encoder.eval(),
+            tokenizer=tokenizer,
+            unet=m.unet.eval(),
+            scheduler=nets.build_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(out, safe_serialization=True)
+        for n, text in vocab_files.items():  # the slow-tokenizer files, beside tokenizer.json
+            (out / "tokenizer" / n).write_text(text)
+        if step is not None:
+            log(f"checkpoint: EMA weights of step {step} saved to {out}")
+
+    model, unet_info = train_unet(model, mu * scale, bank, abar, budget, args.seed, log, save=save)
+    save(model)
     info = {
         "seed": args.seed,
         "split_seed": SPLIT_SEED,

@@ -26,9 +26,10 @@ class Budget:
     p_empty: float = 0.1
     ema_decay: float = 0.999
     log_every: int = 100
+    save_every: int = 500
 
 
-FULL = Budget(vae_steps=1500, vae_batch=64, unet_steps=6000, unet_batch=128)
+FULL = Budget(vae_steps=800, vae_batch=32, unet_steps=3500, unet_batch=128)
 QUICK = Budget(vae_steps=3, vae_batch=16, unet_steps=3, unet_batch=16, log_every=1)
 
 
@@ -89,9 +90,19 @@ class TextToImage(nn.Module):
 
 
 def train_unet(
-    model: TextToImage, z0: torch.Tensor, bank: CaptionBank, abar: torch.Tensor, b: Budget, seed: int, log: Logger
+    model: TextToImage,
+    z0: torch.Tensor,
+    bank: CaptionBank,
+    abar: torch.Tensor,
+    b: Budget,
+    seed: int,
+    log: Logger,
+    save=None,
 ) -> tuple[TextToImage, dict]:
-    """eps-prediction loss on the DDPM process over scaled latents; captions drawn per step from the bank."""
+    """eps-prediction loss on the DDPM process over scaled latents; captions drawn per step from the bank.
+
+    ``save(ema_model, step)`` (optional) runs every ``b.save_every`` steps, so a long run always leaves a model.
+    """
     params = list(model.parameters())
     opt, sched = _optimise(params, b.lr, b.unet_steps)
     ema = EMA(model, b.ema_decay)
@@ -118,6 +129,8 @@ def train_unet(
                 f"lr {sched.get_last_lr()[0]:.1e} ({el / step:.2f} s/step)"
             )
             run = 0.0
+        if save is not None and step % b.save_every == 0 and step < b.unet_steps:
+            save(ema.model, step)
     info = {
         "unet_steps": b.unet_steps,
         "unet_batch": b.unet_batch,
