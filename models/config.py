@@ -5,7 +5,10 @@
     [[models]]
     name = "digits-ddpm"           # what requests use; they never carry paths
     directory = "digits-ddpm"      # relative to the first root that holds it
-    kind = "diffusion"             # diffusion | flow | meanflow | masked
+    kind = "diffusion"             # diffusion | flow | meanflow | masked; optional for a diffusers pipeline
+                                   # directory (model_index.json: sd, sdxl, sd3, flux, dit, pixart)
+    dtype = "float32"              # float32 | float16 | bfloat16 (optional)
+    device = "cuda:0"              # optional; default: the server's device
     default_sampler = "dpmpp_2m"
     default_steps = 10
     guidance = 2.0                 # optional default classifier-free guidance scale
@@ -17,6 +20,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,7 @@ from pathlib import Path
 from samplers.errors import InvalidRequest, UnknownModel
 
 KINDS = ("diffusion", "flow", "meanflow", "masked")
+DTYPES = ("float32", "float16", "bfloat16")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "zoo" / "models.toml"
 
@@ -43,20 +49,63 @@ class ModelEntry:
     null_class: int | None = None
     grid: str = "uniform_lambda"
     extra: dict = field(default_factory=dict)
+    family: str | None = None  # latent pipeline family detected from model_index.json (models/pipelines)
+    dtype: str = "float32"
+    device: str | None = None  # None: the device the server loads on
 
 
 def _entry(raw: dict, roots: list[Path], index: int) -> ModelEntry:
     where = f"models[{index}]"
-    for key in ("name", "directory", "kind"):
+    for key in ("name", "directory"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ConfigError(f"{where}.{key}: required string")
-    if raw["kind"] not in KINDS:
-        raise ConfigError(f"{where}.kind: {raw['kind']!r} is not one of {list(KINDS)}")
     directory = resolve_in_roots(raw["directory"], roots, f"{where}.directory")
-    known = {"name", "directory", "kind", "default_sampler", "default_steps", "guidance", "null_class", "grid"}
-    return ModelEntry(raw["name"], directory, raw["kind"], raw.get("default_sampler", "dpmpp_2m"),
+    kind, family = _kind_and_family(raw, directory, where)
+    dtype, device = _dtype_and_device(raw, where)
+    known = {"name", "directory", "kind", "default_sampler", "default_steps", "guidance", "null_class", "grid",
+             "dtype", "device"}
+    return ModelEntry(raw["name"], directory, kind, raw.get("default_sampler", "dpmpp_2m"),
                       int(raw.get("default_steps", 10)), raw.get("guidance"), raw.get("null_class"),
-                      raw.get("grid", "uniform_lambda"), {k: v for k, v in raw.items() if k not in known})
+                      raw.get("grid", "uniform_lambda"), {k: v for k, v in raw.items() if k not in known},
+                      family, dtype, device)
+
+
+def _kind_and_family(raw: dict, directory: Path, where: str) -> tuple[str, str | None]:
+    """`kind` as written, or detected from model_index.json (read before any weight); contradictions refused."""
+    from .pipelines import FAMILIES, FAMILY_KINDS
+
+    kind = raw.get("kind")
+    if kind is not None and (not isinstance(kind, str) or not kind):
+        raise ConfigError(f"{where}.kind: must be a non-empty string")
+    index_path = directory / "model_index.json"
+    if not index_path.is_file():
+        if kind is None:
+            raise ConfigError(f"{where}.kind: required (the directory has no model_index.json to detect it from)")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}.kind: {kind!r} is not one of {list(KINDS)}")
+        return kind, None
+    try:
+        cls = json.loads(index_path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError(f"{where}.directory: model_index.json is not valid JSON") from None
+    if cls not in FAMILIES:
+        raise ConfigError(f"{where}.directory: model_index.json names pipeline {cls!r}, which is not one of "
+                          f"{sorted(FAMILIES)}")
+    family = FAMILIES[cls]
+    if kind is not None and kind not in (family, FAMILY_KINDS[family]):
+        raise ConfigError(f"{where}.kind: {kind!r} contradicts the directory's model_index.json ({cls}: a "
+                          f"{FAMILY_KINDS[family]} model of family {family!r})")
+    return FAMILY_KINDS[family], family
+
+
+def _dtype_and_device(raw: dict, where: str) -> tuple[str, str | None]:
+    dtype = raw.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"{where}.dtype: {dtype!r} is not one of {list(DTYPES)}")
+    device = raw.get("device")
+    if device is not None and (not isinstance(device, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device)):
+        raise ConfigError(f"{where}.device: {device!r} is not 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    return dtype, device
 
 
 def resolve_in_roots(directory: str, roots: list[Path], what: str) -> Path:

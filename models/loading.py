@@ -71,7 +71,16 @@ LOADERS: dict[str, Callable[[ModelEntry, str], LoadedModel]] = {
     "diffusion": _load_unet, "flow": _load_unet, "meanflow": _load_meanflow, "masked": _load_masked}
 
 
+def _load_pipeline(entry: ModelEntry, device: str) -> LoadedModel:
+    """A diffusers pipeline directory (model_index.json) as a LatentPipeline (models/pipelines)."""
+    from .pipelines import load_pipeline
+
+    return LoadedModel(entry, load_pipeline(entry.directory, entry.name, entry.dtype, entry.device or device))
+
+
 def load_model(entry: ModelEntry, device: str = "cpu") -> LoadedModel:
     from .backends import apply_backend
 
+    if entry.family is not None:
+        return _load_pipeline(entry, device)  # torch only: exported backends serve single networks
     return apply_backend(LOADERS[entry.kind](entry, device), device)

@@ -78,7 +78,12 @@ def _public_scheduler_fields(directory: Path) -> None:
 
 def tiny_sd3(directory: Path, seed: int = 0, shift: float = 3.0):
     """A StableDiffusion3Pipeline without T5 (diffusers then feeds zeros): 1-layer transformer, patch 2."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

@@ -25,6 +25,8 @@ FAMILIES = {
     "DiTPipeline": "dit",
     "PixArtSigmaPipeline": "pixart",
 }
+FAMILY_KINDS = {"sd": "diffusion", "sdxl": "diffusion", "sd3": "flow", "flux": "flow", "dit": "diffusion",
+                "pixart": "diffusion"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -103,7 +103,8 @@ def load(directory: Path, model: str, dtype: torch.dtype = torch.float32, device
     vae = load_component(AutoencoderKL, directory, "vae", dtype, device)
 
     def tokenize(prompts: list[str]) -> dict[str, torch.Tensor]:
-        return {"ids_1": padded_ids(tok_1, prompts, tok_1.model_max_length), "ids_2": padded_ids(tok_2, prompts, MAX_T5)}
+        return {"ids_1": padded_ids(tok_1, prompts, tok_1.model_max_length),
+                "ids_2": padded_ids(tok_2, prompts, MAX_T5)}
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     channels = transformer.config.in_channels // 4

@@ -46,7 +46,8 @@ def transformer_net(transformer, channels: int):
 
     def net(x_t, timestep, cond):
         with torch.inference_mode():
-            out = transformer(x_t.to(device, dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
+            out = transformer(x_t.to(device, dtype),
+                              encoder_hidden_states=cond["encoder_hidden_states"].to(device, dtype),
                               encoder_attention_mask=cond["encoder_attention_mask"].to(device),
                               timestep=timestep.to(device),
                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample

@@ -60,7 +60,8 @@ def sd3_encoder(clip_1, clip_2, t5, joint_dim: int):
             clip = torch.cat([h1, h2], dim=-1)
             clip = torch.nn.functional.pad(clip, (0, h3.shape[-1] - clip.shape[-1]))
             hidden = torch.cat([clip, h3.to(clip.dtype)], dim=-2)
-        return {"encoder_hidden_states": hidden.float().cpu(), "pooled_projections": torch.cat([p1, p2], -1).float().cpu()}
+        return {"encoder_hidden_states": hidden.float().cpu(),
+                "pooled_projections": torch.cat([p1, p2], -1).float().cpu()}
     return encode
 
 
