@@ -88,6 +88,8 @@ def _kind_and_family(raw: dict, directory: Path, where: str) -> tuple[str, str |
         cls = json.loads(index_path.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         raise ConfigError(f"{where}.directory: model_index.json is not valid JSON") from None
+    if cls not in FAMILIES and kind in KINDS:
+        return kind, None  # another diffusers layout (a pixel UNet pipeline) under its written kind
     if cls not in FAMILIES:
         raise ConfigError(f"{where}.directory: model_index.json names pipeline {cls!r}, which is not one of "
                           f"{sorted(FAMILIES)}")
