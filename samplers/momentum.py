@@ -35,21 +35,31 @@ BETA = Option(float, 0.8, 0.01, 1.0, help="momentum beta; 1 = no momentum (the b
 ORDER = Option(int, 2, 1, 5, help="multistep order k")
 
 
-@register("hb", order=1, options={"beta": BETA},
+HB_FINAL_STEP = Option(str, "ours", choices=("ours", "reference"),
+                       help="last step: 'ours' = first order without momentum only when it goes to sigma = 0; "
+                            "'reference' = also below 10 steps (the official momentum-diffusion code)")
+
+
+@register("hb", order=1, options={"beta": BETA, "final_step": HB_FINAL_STEP},
           when_to_use="Heavy-ball momentum on DPM-Solver++(2M): fewer divergent samples at high guidance.")
-def hb(model, x, sigmas, cond=None, *, noise=None, hook=None, beta: float = 0.8):
-    """HB on DPM-Solver++(2M) (Wizadwongsa et al. 2024, Sec. 4.2): v = (1 - beta) v + beta D_2M, then the
-    first-order update with v; the first step and a final step to sigma = 0 bypass momentum."""
+def hb(model, x, sigmas, cond=None, *, noise=None, hook=None, beta: float = 0.8, final_step: str = "ours"):
+    """HB on DPM-Solver++(2M) (Wizadwongsa et al. 2024, Sec. 4.2; official dpm_solver_pytorch.py): the
+    velocity starts at the first data prediction D_0, each second-order step sets v = (1 - beta) v + beta D_2M
+    and takes the first-order update with v; the first step and a final step to sigma = 0 (with
+    final_step = "reference" also the last step of a run under 10 steps) are first order, momentum-free."""
     steps = len(sigmas) - 1
     old_denoised, h_last, velocity = None, None, None
     for i in range(steps):
         s, t = float(sigmas[i]), float(sigmas[i + 1])
         denoised = yield evaluate(model, x, sigmas[i], cond)
-        if old_denoised is None or t == 0:
+        if velocity is None:
+            velocity = denoised
+        reference_last = final_step == "reference" and i == steps - 1 and steps < 10
+        if old_denoised is None or t == 0 or reference_last:
             x_next = dpmpp_first_order(x, denoised, s, t)
         else:
             d = midpoint_direction(denoised, old_denoised, math.log(s / t), h_last)
-            velocity = d if velocity is None else (1 - beta) * velocity + beta * d
+            velocity = (1 - beta) * velocity + beta * d
             x_next = dpmpp_first_order(x, velocity, s, t)
         if t > 0:
             h_last = math.log(s / t)
