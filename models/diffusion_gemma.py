@@ -82,3 +82,41 @@ def load_diffusion_gemma(path: str | Path, *, device: str = "cpu", dtype: torch.
         except (OSError, ValueError, TypeError, KeyError):
             continue
     return DiffusionGemmaLM(model, processor)
+
+
+def random_diffusion_gemma(*, vocab_size: int, hidden_size: int, layers: int, canvas_length: int, seed: int = 0,
+                           std: float = 0.05):
+    """A random-weight DiffusionGemma of the published layout (sliding + full layers, MoE, tiny vision tower):
+    for tests and benchmarks, where no checkpoint can be downloaded."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, Gemma4VisionConfig
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
+
+    heads = max(1, hidden_size // 32)
+    text = DiffusionGemmaTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=1, head_dim=32, global_head_dim=32, sliding_window=64,
+        layer_types=(["sliding_attention"] * (layers - 1)) + ["full_attention"], num_experts=2, top_k_experts=1,
+        moe_intermediate_size=hidden_size, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2)
+    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                num_key_value_heads=1)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, vision_config=vision,
+                                                                 canvas_length=canvas_length))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "scale" not in name:
+                p.normal_(0, std)
+    return model.eval().requires_grad_(False)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer over ids <pad>=0, <eos>=1, <bos>=2, w0.. with a plain chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<bos>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}")

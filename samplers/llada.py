@@ -99,7 +99,7 @@ def semi_autoregressive(model, tokens, cond, *, steps: int, noise: SampleNoise, 
         for i in range(per_block):
             logits = yield from _guided_logits(model, x, cond, prompt, cfg_scale)
             nfe += 1
-            z = logits[:, lo:hi].double().index_fill(-1, forbidden, -torch.inf)
+            z = logits[:, lo:hi].double().index_fill_(-1, forbidden, -torch.inf)
             if temperature > 0:  # Gumbel-max: argmax z - T log(-log u) = LLaDA's argmax exp(z) / (-log u)^T
                 x0 = (z - temperature * torch.log(-torch.log(noise.rand((block_length, z.shape[-1]))))).argmax(-1)
             else:
