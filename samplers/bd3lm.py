@@ -49,7 +49,7 @@ def blockwise(model, tokens: torch.Tensor, cond: Any, inner: str, *, noise: Samp
     return x, nfe
 
 
-@register("block_first_hitting", kinds=("masked",), nfe_per_step=1, order=1, stochastic=True,
+@register("block_first_hitting", kinds=("masked",), nfe_per_step=1, order=1, stochastic=True, one_step_per_mask=True,
           max_steps=1_000_000, options=dict(SAMPLING_OPTIONS),
           when_to_use="BD3-LM (block-causal) models: FHS inside each block, blocks left to right")
 def block_first_hitting(model, tokens: torch.Tensor, cond: Any = None, *, noise: SampleNoise,

@@ -131,3 +131,16 @@ def test_fhs_and_mdlm_run_on_the_dit(name, steps):
     lm = DiTMaskedLM(tiny_model())
     out, _ = run_masked_sampler(name, lm, torch.full((2, 16), MASK), steps=steps, noise=SampleNoise([0, 1]))
     assert not (out == MASK).any()
+
+
+def test_load_text_diffusion_dispatches_on_model_type(tmp_path):
+    from models.diffusion_lms import family_of, load_text_diffusion
+    from models.llada import LLaDAConfig, LLaDALM, LLaDAModel, save_llada
+
+    save_mdlm_dit(tiny_model(DiTConfig(**{**TINY.__dict__, "block_size": 4})), tmp_path / "bd3", model_type="bd3lm")
+    save_llada(LLaDAModel(LLaDAConfig(d_model=16, n_layers=1, n_heads=2, vocab_size=20, mask_token_id=19)),
+               tmp_path / "llada")
+    assert family_of(tmp_path / "bd3").default_sampler == "block_first_hitting"
+    assert isinstance(load_text_diffusion(tmp_path / "bd3"), DiTMaskedLM)
+    assert isinstance(load_text_diffusion(tmp_path / "llada"), LLaDALM)
+    assert family_of(tmp_path / "llada").kind == "masked"
