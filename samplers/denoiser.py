@@ -115,10 +115,8 @@ class ClassifierFreeGuidance:
         """Both halves in one network call: rows [x | x] under [cond | null], then the guided combination."""
         if cond is None:
             raise InvalidRequest("guidance needs a class label per sample")
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        both = evaluate(self.model, torch.cat([x, x]), torch.cat([sigma, sigma]),
-                        torch.cat([cond, torch.full_like(cond, NULL_LABEL)]))
-        return both.then(lambda out: self.combine(x, cond, *out.chunk(2)))
+        both = paired_call(self.model, x, sigma, cond, torch.full_like(cond, NULL_LABEL))
+        return both.then(lambda pair: self.combine(x, cond, *pair))
 
     def combine(self, x, cond, d_cond, d_uncond):
         guided = d_uncond + self.scale * (d_cond - d_uncond)
@@ -127,6 +125,14 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x, sigma, cond=None):
         return self.network_call(x, sigma, cond).run()
+
+
+def paired_call(model, x, sigma, cond_a, cond_b) -> NetworkCall:
+    """(D(x | cond_a), D(x | cond_b)) as one network call over rows [x | x]: the two halves of
+    classifier-free guidance, or two experts of a product."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+    both = evaluate(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond_a, cond_b]))
+    return both.then(lambda out: out.chunk(2))
 
 
 def with_guidance(model, scale: float | None):

@@ -21,7 +21,6 @@ the effective temperature (arXiv 2409.02908, Sec. 5).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -31,7 +30,7 @@ from .calls import NetworkCall, StepMachine, drive
 from .errors import InvalidRequest
 from .hooks import Hook, report
 from .noise import SampleNoise
-from .registry import Option, get_spec, register, validate
+from .registry import CallCounter, Option, get_spec, register, validate
 
 PRECISIONS = ("float64", "float32")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -206,7 +205,7 @@ def mdlm(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None, *, steps
     return x, nfe
 
 
-@register("first_hitting", kinds=("masked",), nfe_per_step=1, order=1, stochastic=True,
+@register("first_hitting", kinds=("masked",), nfe_per_step=1, order=1, stochastic=True, one_step_per_mask=True,
           max_steps=1_000_000, options=dict(SAMPLING_OPTIONS),
           when_to_use="masked diffusion models: exact, one token per step, exactly L network calls; "
                       "the default for masked models")
@@ -269,7 +268,7 @@ def masked_sampler_machine(name: str, model: MaskedDenoiser, tokens: torch.Tenso
     check_tokens(model, tokens)
     tokens = tokens.long()
     masked = int((tokens == model.mask_id).sum(1).max())
-    takes_steps = "steps" in inspect.signature(get_spec(name).fn).parameters
+    takes_steps = not get_spec(name).one_step_per_mask
     if not takes_steps:
         if steps is not None and steps != masked:
             raise InvalidRequest(f"steps: {name} takes exactly one step per masked position "
@@ -282,26 +281,8 @@ def masked_sampler_machine(name: str, model: MaskedDenoiser, tokens: torch.Tenso
         raise InvalidRequest(f"sampler: {name!r} is stochastic and needs per-sample noise (seeds)")
     if len(noise) != tokens.shape[0]:
         raise InvalidRequest(f"seeds: {len(noise)} seeds for {tokens.shape[0]} sequences")
-    counter = _CallCounter(model)
+    counter = CallCounter(model)
     counted = None if hook is None else (lambda info: hook(replace(info, nfe=counter.calls)))
     if takes_steps:
         opts["steps"] = steps
     return (yield from spec.machine(counter, tokens, cond, noise=noise, hook=counted, **opts))
-
-
-class _CallCounter:
-    """Counts network calls (a batch counts once) for the hook; everything else goes to the model."""
-
-    def __init__(self, model: MaskedDenoiser):
-        self.model = model
-        self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def logits_call(self, tokens: torch.Tensor, cond: Any = None) -> NetworkCall:
-        self.calls += 1
-        return logits_call(self.model, tokens, cond)
-
-    def logits(self, tokens: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        return self.logits_call(tokens, cond).run()

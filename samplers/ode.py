@@ -63,7 +63,7 @@ def ancestral_step(sigma, sigma_next, eta: float) -> tuple[float, float]:
     return math.sqrt(sigma_next**2 - up**2), up
 
 
-@register("ddim", order=1, stochastic=False,
+@register("ddim", order=1, stochastic=False, step_noise=lambda s, t, o: ancestral_step(s, t, o.get("eta", 0.0))[1],
           options={"eta": Option(float, 0.0, 0.0, 1.0, help="0 = deterministic DDIM, 1 = DDPM variance")},
           when_to_use="DDIM; eta > 0 adds noise (needs seeds), eta = 1 is DDPM ancestral sampling.")
 def ddim(model, x, sigmas, cond=None, *, noise=None, hook=None, eta: float = 0.0):

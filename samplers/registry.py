@@ -72,6 +72,10 @@ class SamplerSpec:
     options: dict[str, Option] = field(default_factory=dict)
     max_steps: int = MAX_STEPS
     extra_nfe: int = 0  # evaluations beyond nfe_per_step * steps (negative when the last step is free)
+    # std (VE coordinates) of the fresh noise one step sigma -> sigma_next adds, given the options; None for
+    # samplers that add none (search mutates intermediate states with it: EvoSearch's sigma_t)
+    step_noise: Callable[[float, float, dict], float] | None = None
+    one_step_per_mask: bool = False  # masked samplers that unmask one token per step: steps are not asked
 
     def nfe(self, steps: int) -> int:
         return int(math.ceil(self.nfe_per_step * steps)) + self.extra_nfe
@@ -86,13 +90,13 @@ REGISTRY: dict[str, SamplerSpec] = {}
 
 def register(name: str, *, kinds=("diffusion", "flow"), nfe_per_step: float = 1, order: int = 1,
              stochastic: bool = False, when_to_use: str, options: dict[str, Option] | None = None,
-             max_steps: int = MAX_STEPS, extra_nfe: int = 0):
+             max_steps: int = MAX_STEPS, extra_nfe: int = 0, step_noise=None, one_step_per_mask: bool = False):
     """Decorator: add a sampler step machine to REGISTRY under `name`; returns its driven plain form."""
     def add(machine):
         if name in REGISTRY:
             raise ValueError(f"sampler {name!r} registered twice")
         REGISTRY[name] = SamplerSpec(name, machine, tuple(kinds), nfe_per_step, order, stochastic, when_to_use,
-                                     dict(options or {}), max_steps, extra_nfe)
+                                     dict(options or {}), max_steps, extra_nfe, step_noise, one_step_per_mask)
         return step_machine(machine)
     return add
 
@@ -126,7 +130,8 @@ def validate(name: str, steps: int, options: dict[str, Any] | None = None, kind:
 
 
 class CallCounter:
-    """Counts network evaluations (samples in a batch count once per call, as papers count NFE)."""
+    """Counts network evaluations (samples in a batch count once per call, as papers count NFE), of
+    denoisers and MeanFlow models (`network_call`) and of masked models (`logits_call`) alike."""
 
     def __init__(self, model):
         self.model = model
@@ -141,6 +146,15 @@ class CallCounter:
 
     def __call__(self, *args):
         return self.network_call(*args).run()
+
+    def logits_call(self, tokens: torch.Tensor, cond=None) -> NetworkCall:
+        from .masked import logits_call
+
+        self.calls += 1
+        return logits_call(self.model, tokens, cond)
+
+    def logits(self, tokens: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.logits_call(tokens, cond).run()
 
 
 def check_inputs(model, x: torch.Tensor, sigmas: torch.Tensor) -> None:

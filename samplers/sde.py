@@ -31,6 +31,7 @@ def reverse_sde_step(x, denoised, sigma: float, sigma_next: float, g2: float, no
 
 
 @register("euler_maruyama", order=1, stochastic=True,
+          step_noise=lambda s, t, o: math.sqrt(2 * o.get("eta", 1.0) * s * (s - t)) if t > 0 else 0.0,
           options={"eta": Option(float, 1.0, 0.0, 10.0,
                                  help="g^2 = 2 eta sigma; 0 = probability-flow ODE, 1 = reverse SDE")},
           when_to_use="Euler-Maruyama on the marginal-preserving reverse SDE; the stochastic baseline "
@@ -58,7 +59,7 @@ def ddpm_step(x, denoised, sigma: float, sigma_next: float, noise):
     return x
 
 
-@register("ddpm", order=1, stochastic=True,
+@register("ddpm", order=1, stochastic=True, step_noise=lambda s, t, o: ancestral_step(s, t, 1.0)[1],
           when_to_use="DDPM ancestral sampling (exact posterior steps given D); equals DDIM with eta = 1.")
 def ddpm(model, x, sigmas, cond=None, *, noise=None, hook=None):
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2): draw x_s from q(x_s | x_t, x0 = D(x_t))."""
@@ -73,6 +74,7 @@ def ddpm(model, x, sigmas, cond=None, *, noise=None, hook=None):
 
 
 @register("dpmpp_2m_sde", order=2, stochastic=True,
+          step_noise=lambda s, t, o: t * math.sqrt(-math.expm1(-2 * math.log(s / t))) if t > 0 else 0.0,
           when_to_use="SDE-DPM-Solver++(2M): stochastic second order, good at 20-50 steps.")
 def dpmpp_2m_sde(model, x, sigmas, cond=None, *, noise=None, hook=None):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, DPM-Solver++ Sec. 5; diffusers' midpoint form), data

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from samplers.calls import NetworkCall, evaluate
-from samplers.denoiser import NULL_LABEL
+from samplers.denoiser import NULL_LABEL, paired_call
 from samplers.errors import BudgetExceeded
 
 
@@ -117,9 +117,7 @@ class CountedModel:
 
     def _two(self, x, sigma, cond_a, cond_b, nfe: int) -> NetworkCall:
         self.budget.charge(nfe)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-        both = evaluate(self._passes, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond_a, cond_b]))
-        return both.then(lambda out: out.chunk(2))
+        return paired_call(self._passes, x, sigma, cond_a, cond_b)
 
 
 def score_with(verifier, budget: Budget, x0: torch.Tensor, cond) -> torch.Tensor:

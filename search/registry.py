@@ -34,7 +34,9 @@ from .rbf import rollover_budget_forcing
 MAX_BUDGET_NFE = 1_000_000
 MAX_SEARCHES = 256
 DEFAULT_STEPS = 10  # steps per trajectory when a request leaves them unset
-SDE_SAMPLERS = ("ddpm", "dpmpp_2m_sde", "euler_maruyama")
+# stochastic image samplers with per-step noise (what EvoSearch mutates), from the sampler registry
+SDE_SAMPLERS = tuple(sorted(n for n, s in REGISTRY.items()
+                            if s.stochastic and s.step_noise is not None and "diffusion" in s.kinds))
 ODE_SAMPLERS = tuple(sorted(n for n, s in REGISTRY.items() if not s.stochastic and "diffusion" in s.kinds))
 
 
@@ -48,6 +50,7 @@ class SearchSpec:
     needs_verifier: bool
     when_to_use: str
     options: dict[str, SearchOption] = field(default_factory=dict)
+    kind_defaults: Callable[[str | None], dict[str, Any]] = lambda kind: {}  # options left empty, by model kind
 
 
 _GRID = SearchOption(str, "uniform_lambda", choices=tuple(sorted(GRIDS)), help="time grid of the trajectories")
@@ -84,7 +87,8 @@ SEARCHES: dict[str, SearchSpec] = {
                                                                   "0.3, code 0.2)"),
          "convention": SearchOption(str, "paper", choices=("paper", "code"),
                                     help="paper: Alg. 2 as written; code: the official code's archive level, "
-                                         "generation-0 rule and elites")}),
+                                         "generation-0 rule and elites")},
+        kind_defaults=lambda kind: {"sampler": "dpmpp_2m_sde" if kind == "flow" else "ddpm"}),
     "rollover_budget_forcing": SearchSpec(
         "rollover_budget_forcing", rollover_budget_forcing, ("flow", "diffusion"), True,
         "RBF for flow models: greedy per-step search over the converted VP-SDE with rollover of unused "
@@ -182,8 +186,7 @@ def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seed
             raise InvalidRequest(f"cond: expected one class label per seed ({len(seeds)}), got {cond.shape[0]}")
     if guidance is not None and not 0.0 <= float(guidance) <= 100.0:
         raise InvalidRequest(f"guidance: {guidance} is outside [0, 100]")
-    if method == "evosearch" and not opts["sampler"]:
-        opts["sampler"] = "dpmpp_2m_sde" if kind == "flow" else "ddpm"
+    opts = {**opts, **{k: v for k, v in spec.kind_defaults(kind).items() if not opts.get(k)}}
     budget = Budget(budget_nfe, len(seeds))
     counted = CountedModel(model, budget, None if guidance is None else float(guidance))
     shape = getattr(model, "shape", None) or (opts.get("length") or model.length,)

@@ -3,15 +3,12 @@ registry samplers, and each stochastic sampler's own per-step noise (EvoSearch's
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from samplers.calls import StepMachine, step_machine
 from samplers.errors import InvalidRequest
 from samplers.grids import make_grid
 from samplers.noise import SampleNoise
-from samplers.ode import ancestral_step
 from samplers.registry import REGISTRY, sampler_machine
 
 
@@ -35,21 +32,16 @@ def rollout(name: str, model, x: torch.Tensor, sigmas: torch.Tensor, cond, noise
 
 
 def step_noise_std(name: str, sigma: float, sigma_next: float, options: dict | None = None) -> float:
-    """Std (VE coordinates) of the fresh noise sampler `name` adds on the step sigma -> sigma_next.
-
-    DDIM eta = 1 / DDPM: the posterior std; SDE-DPM-Solver++: sigma_next sqrt(1 - e^{-2h}) (the
-    sde-dpmsolver++ std EvoSearch's flow pipelines return); Euler-Maruyama: sqrt(2 eta sigma dsigma).
-    """
-    options = options or {}
+    """Std (VE coordinates) of the fresh noise sampler `name` adds on the step sigma -> sigma_next, from the
+    sampler's own spec (DDIM eta / DDPM: the posterior std; SDE-DPM-Solver++: sigma_next sqrt(1 - e^{-2h}),
+    the std EvoSearch's flow pipelines return; Euler-Maruyama: sqrt(2 eta sigma dsigma))."""
+    spec = REGISTRY[name]
     if sigma_next <= 0:
         return 0.0
-    if name == "ddpm" or (name == "ddim" and options.get("eta", 0.0) > 0):
-        return ancestral_step(sigma, sigma_next, options.get("eta", 1.0))[1]
-    if name == "dpmpp_2m_sde":
-        return sigma_next * math.sqrt(-math.expm1(-2 * math.log(sigma / sigma_next)))
-    if name == "euler_maruyama":
-        return math.sqrt(2 * options.get("eta", 1.0) * sigma * (sigma - sigma_next))
-    raise InvalidRequest(f"search.options.sampler: {name!r} adds no per-step noise to mutate with")
+    std = spec.step_noise(sigma, sigma_next, options or {}) if spec.step_noise is not None else 0.0
+    if std <= 0:
+        raise InvalidRequest(f"search.options.sampler: {name!r} adds no per-step noise to mutate with")
+    return std
 
 
 def initial_scale(model) -> float:

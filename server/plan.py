@@ -11,7 +11,6 @@ advances one network call at a time, or `samplers.calls.drive` runs directly.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -142,7 +141,7 @@ def _check_output(output: str, kind: str) -> None:
 
 def _masked_steps(loaded, request: GenerateRequest, spec) -> int | None:
     """mdlm takes N steps (the model's default when unset); first_hitting takes one per masked position."""
-    if spec is None or "steps" not in inspect.signature(spec.machine).parameters:
+    if spec is None or spec.one_step_per_mask:
         return request.steps
     return request.steps if request.steps is not None else loaded.entry.default_steps
 
