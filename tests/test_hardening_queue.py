@@ -3,13 +3,17 @@ Redis data directory, a stable local Redis URL."""
 
 import uuid
 
+import grpc
 import pytest
 
 from samplers.gmm import gmm_image
+from server.app import start_server
 from server.engine import Engine
+from server.jobs_servicer import jobs_service
 from server.queue.connection import connect
+from server.queue.store import JobStore
 from server.queue.worker import Worker
-from tests.queue_fixtures import jobs_server, jpb, redis_server, settings, wait_done
+from tests.queue_fixtures import jgrpc, jpb, redis_server, settings, wait_done
 from tests.server_fixtures import gmm_model, pb
 
 
@@ -22,7 +26,12 @@ def redis_url(tmp_path_factory):
 def test_a_queued_search_job_succeeds(redis_url):
     """JobSpec.from_json left `search` a dict: the worker failed every attempt and dead-lettered the job."""
     config = settings(redis_url)
-    with jobs_server({"gmm": gmm_model()}, config) as (stub, _, _):
+    store = JobStore(config.redis_url, config.queue_prefix)
+    server = start_server({"gmm": gmm_model()}, config, services=[jobs_service(store, config)],
+                          resources={"mixture": gmm_image()})  # the verifier's resource, checked at submission
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = jgrpc.JobsStub(channel)
+    try:
         engine = Engine({"gmm": gmm_model()}, config, {"mixture": gmm_image()})
         engine.warm_up()
         worker = Worker(engine, connect(redis_url, fail_fast=False), redis_url, prefix=config.queue_prefix,
@@ -44,3 +53,17 @@ def test_a_queued_search_job_succeeds(redis_url):
         page = stub.GetJobResults(jpb.GetJobResultsRequest(id=job.id))
         assert [s.seed for s in page.samples] == [7, 8, 9]
         assert all(s.HasField("reward") for s in page.samples)
+    finally:
+        channel.close()
+        server.stop(grace=1.0)
+
+
+def test_a_job_spec_keeps_its_png_scale():
+    from server.generation import GenerateRequest
+    from server.queue.codec import JobSpec
+
+    spec = JobSpec("gmm", GenerateRequest("ddim", 3, n=4), pb.PNG, 2, png_scale=3)
+    again = JobSpec.from_json(spec.to_json())
+    assert again == spec and again.png_scale == 3
+    assert JobSpec.from_json(JobSpec("gmm", spec.request, pb.PNG, 2).to_json()).png_scale == 1
+    assert spec.request_hash() != JobSpec("gmm", spec.request, pb.PNG, 2).request_hash()

@@ -20,6 +20,7 @@ class JobSpec:
     request: GenerateRequest     # the whole job: request.n samples, defaults filled in
     format: int                  # OutputFormat value
     task_size: int
+    png_scale: int = 1           # PNG output: the request's png_scale (1: native resolution)
 
     @property
     def tasks(self) -> int:
@@ -38,7 +39,8 @@ class JobSpec:
 
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "format": self.format, "task_size": self.task_size,
-                           "request": asdict(self.request)}, sort_keys=True, separators=(",", ":"))
+                           "png_scale": self.png_scale, "request": asdict(self.request)}, sort_keys=True,
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> JobSpec:
@@ -49,22 +51,24 @@ class JobSpec:
                 req[key] = tuple(req[key])
         if req.get("search") is not None:  # asdict flattened it; the worker needs the dataclass back
             req["search"] = SearchRequest(**req["search"])
-        return cls(raw["model"], GenerateRequest(**req), raw["format"], raw["task_size"])
+        return cls(raw["model"], GenerateRequest(**req), raw["format"], raw["task_size"], raw.get("png_scale", 1))
 
     def request_hash(self) -> str:
         """Identifies the work (not the task size), to refuse an idempotency key reused for other work."""
-        body = json.dumps({"model": self.model, "format": self.format, "request": asdict(self.request)},
-                          sort_keys=True, separators=(",", ":"))
+        work = {"model": self.model, "format": self.format, "request": asdict(self.request)}
+        if self.png_scale != 1:  # only then: hashes of jobs stored before png_scale existed stay the same
+            work["png_scale"] = self.png_scale
+        body = json.dumps(work, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(body.encode()).hexdigest()
 
 
-def samples(pb, result, fmt: int) -> list:
+def samples(pb, result, fmt: int, png_scale: int = 1) -> list:
     """A GenerateResult's samples as Sample protos, exactly as Generate returns them."""
-    return sample_protos(pb, result, fmt)
+    return sample_protos(pb, result, fmt, png_scale)
 
 
-def task_result(pb, jobs_pb, out, fmt: int, worker: str, attempt: int) -> bytes:
+def task_result(pb, jobs_pb, out, fmt: int, worker: str, attempt: int, png_scale: int = 1) -> bytes:
     """The bytes a worker stores for a task (an EngineResult in, a serialized TaskResult out)."""
-    message = jobs_pb.TaskResult(samples=samples(pb, out.result, fmt), nfe=out.result.nfe,
+    message = jobs_pb.TaskResult(samples=samples(pb, out.result, fmt, png_scale), nfe=out.result.nfe,
                                  compute_seconds=out.compute_seconds, worker=worker, attempt=attempt)
     return message.SerializeToString()

@@ -226,7 +226,7 @@ class Worker:
             self._failed(e, spec, err, attempt)
             return
         computed = time.time()
-        payload = codec.task_result(self.pb, self.jobs_pb, out, spec.format, self.name, attempt)
+        payload = codec.task_result(self.pb, self.jobs_pb, out, spec.format, self.name, attempt, spec.png_scale)
         self._redis(lambda: self.queue.store(e, payload, request.n), "storing a result")
         qm.STORE_SECONDS.observe(time.time() - computed)
         qm.TASK_SECONDS.labels(spec.model).observe(out.compute_seconds)
