@@ -119,3 +119,40 @@ def test_unknown_pipeline_class_is_refused(both, tmp_path):
     (directory / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UnsupportedConfig, match="MyCustomPipeline"):
         detect_family(directory)
+
+
+def _lockstep(machines):
+    """A minimal engine loop: every round, group pending calls by server.layout's batch key, run one forward
+    per group, hand each machine its rows.  Returns (results, forward passes)."""
+    from server.layout import batch_key, concat, rows, split
+
+    pending = {i: next(m) for i, m in enumerate(machines)}
+    results, forwards = {}, 0
+    while pending:
+        groups = {}
+        for i, call in pending.items():
+            groups.setdefault(batch_key(call), []).append(i)
+        for members in groups.values():
+            calls = [pending[i] for i in members]
+            out = calls[0].network(*concat([c.args for c in calls]))
+            forwards += 1
+            for i, part in zip(members, split(out, [rows(c) for c in calls]), strict=True):
+                try:
+                    pending[i] = machines[i].send(pending[i].complete(part))
+                except StopIteration as stop:
+                    results[i] = stop.value
+                    del pending[i]
+    return [results[i] for i in range(len(machines))], forwards
+
+
+def test_requests_with_different_prompts_share_forward_passes(both):
+    _, _, ours = both
+    ours.text.cache._rows.clear()
+    common = dict(height=H, width=W, steps=4, sampler="dpmpp_2m", guidance=4.0)
+    requests = [PipelineRequest(seeds=[1], prompts=["a cat"], negative_prompts=["b"], **common),
+                PipelineRequest(seeds=[2, 3], prompts=["a dog on abc"], **common)]
+    (first, second), forwards = _lockstep([generate_machine(ours, r) for r in requests])
+    assert forwards == 1 + 4 + 1  # one text-encoder pass, one per step, one VAE pass, for both requests
+    ours.text.cache._rows.clear()
+    assert torch.allclose(first.images, generate(ours, requests[0]).images, atol=1e-5)
+    assert torch.allclose(second.images, generate(ours, requests[1]).images, atol=1e-5)
