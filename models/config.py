@@ -28,7 +28,7 @@ from pathlib import Path
 
 from samplers.errors import InvalidRequest, UnknownModel
 
-KINDS = ("diffusion", "flow", "meanflow", "masked")
+KINDS = ("diffusion", "flow", "meanflow", "masked", "block_diffusion")  # block_diffusion: DiffusionGemma
 DTYPES = ("float32", "float16", "bfloat16")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "zoo" / "models.toml"

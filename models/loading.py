@@ -62,13 +62,19 @@ def _load_meanflow(entry: ModelEntry, device: str) -> LoadedModel:
 
 
 def _load_masked(entry: ModelEntry, device: str) -> LoadedModel:
-    from .masked_lm import load_masked_lm
+    """Text diffusion checkpoints by config.json's model_type: LLaDA, MDLM / BD3-LM, DiffusionGemma, HF masked LMs."""
+    from .diffusion_lms import family_of, load_text_diffusion
 
-    return LoadedModel(entry, load_masked_lm(entry.directory, device=device))
+    family = family_of(entry.directory)
+    if family.kind != entry.kind:
+        raise ValueError(f"model {entry.name!r}: config says kind {entry.kind!r} but its checkpoint is a "
+                         f"{family.kind} model")
+    return LoadedModel(entry, load_text_diffusion(entry.directory, device=device))
 
 
 LOADERS: dict[str, Callable[[ModelEntry, str], LoadedModel]] = {
-    "diffusion": _load_unet, "flow": _load_unet, "meanflow": _load_meanflow, "masked": _load_masked}
+    "diffusion": _load_unet, "flow": _load_unet, "meanflow": _load_meanflow, "masked": _load_masked,
+    "block_diffusion": _load_masked}
 
 
 def _load_pipeline(entry: ModelEntry, device: str) -> LoadedModel:
