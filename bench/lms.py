@@ -2,7 +2,8 @@
 
 Every row runs one sampler and the loop its authors publish, on the same random-weight module, the same
 prompts and the same number of new tokens, and reports tokens per second for both (batch of BATCH
-sequences, one CPU thread). The reference loops, written here from the published algorithms:
+sequences: 2 in --quick, 1 in the full run; one CPU thread). The reference loops, written here from the
+published algorithms:
 - LLaDA `llada` (low-confidence remasking, temperature 0, blocks of 32): LLaDA's `generate` loop (a full-length
   confidence vector and a per-row top-k each step). Same tokens as ours (checked: `same` column).
 - `first_hitting` on LLaDA and on the MDLM DiT: BD3-LM's first-hitting step (float64 categorical draws for
@@ -31,7 +32,7 @@ from samplers.block_diffusion import run_block_diffusion
 from samplers.masked import run_masked_sampler
 from samplers.noise import SampleNoise
 
-BATCH = 2
+BATCH = 2  # sequences per run (main sets 1 for the full run)
 LLADA_MASK = 126336
 
 
@@ -186,7 +187,7 @@ def dg_rows(new_tokens: int, steps: int, quick: bool):
     from models.diffusion_gemma import random_diffusion_gemma, word_tokenizer
 
     vocab = 4096 if quick else 32768
-    model = random_diffusion_gemma(vocab_size=vocab, hidden_size=64 if quick else 128, layers=2 if quick else 4,
+    model = random_diffusion_gemma(vocab_size=vocab, hidden_size=64 if quick else 128, layers=2,
                                    canvas_length=16 if quick else 32)
     lm = DiffusionGemmaLM(model, word_tokenizer(vocab))
     prompt = " ".join(f"w{i}" for i in range(3, 19))
@@ -227,7 +228,9 @@ def full_size_forward(prompt_len: int = 32, new_tokens: int = 256) -> dict:
 
 
 def main(quick: bool = False) -> dict:
+    global BATCH
     torch.set_num_threads(1)
+    BATCH = 2 if quick else 1  # the full run is long on 2 shared cores; one sequence per row
     if quick:  # smoke run: small vocabularies, 32 new tokens
         new_tokens, prompt_len = 32, 8
         llada_config = LLaDAConfig(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=192, vocab_size=4096,
@@ -236,9 +239,9 @@ def main(quick: bool = False) -> dict:
                                n_heads=4)
     else:
         new_tokens, prompt_len = 256, 32
-        llada_config = LLaDAConfig(d_model=256, n_layers=4, n_heads=8, mlp_hidden_size=768, vocab_size=126464,
+        llada_config = LLaDAConfig(d_model=128, n_layers=2, n_heads=4, mlp_hidden_size=384, vocab_size=126464,
                                    embedding_size=126464, max_sequence_length=4096, mask_token_id=LLADA_MASK)
-        dit_config = DiTConfig(model_length=new_tokens, hidden_dim=256, cond_dim=128, n_blocks=4, n_heads=8)
+        dit_config = DiTConfig(model_length=new_tokens, hidden_dim=128, cond_dim=64, n_blocks=2, n_heads=4)
     rows, table = [], []
     header = f"{'family':<16}{'sampler':<18}{'new':>5}{'NFE':>7}{'tok/s ours':>12}{'tok/s ref':>11}{'x':>7}  same"
     print(f"batch {BATCH}, 1 CPU thread, random weights; reference = the published algorithm's loop")
