@@ -78,3 +78,4 @@ def test_a_deadline_expiry_is_counted_as_deadline_exceeded():
         channel.close()
     assert value("diffserve_requests_total", model="late-gmm", sampler="unipc", status="deadline_exceeded") == 1.0
     assert value("diffserve_requests_total", model="late-gmm", sampler="unipc", status="cancelled") == 0.0
+    assert value("diffserve_nfe_total", model="late-gmm", sampler="unipc") >= 1  # the work done before it expired
