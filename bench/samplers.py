@@ -4,7 +4,9 @@ On the 64-D Gaussian mixture (samplers.gmm.gmm_image) under the discrete-VP (DDP
 prediction) and rectified-flow (velocity) processes: RMS error of every deterministic solver to the exact
 ODE solution from the same x_T, per NFE, plus diffusers' DPMSolverMultistepScheduler and
 UniPCMultistepScheduler on the VP model.  Then the momentum paper's divergence test: classifier-free
-guidance at scale 8, fraction of samples whose norm exceeds 3x the data's largest norm.
+guidance at scale 8, fraction of samples whose norm exceeds 3x the data's largest norm.  Last, the
+final-step conventions of dpmpp_2m and hb (option `final_step`, "ours" vs the official codes' "reference")
+on grids that end at sigma_min rather than 0, the only grids where they differ.
 """
 
 from __future__ import annotations
@@ -94,6 +96,48 @@ def divergence_table(gmm, n, nfes, scale=8.0):
     return _sweep(model, x, labels, nfes, divergent_fraction)
 
 
+FINAL_STEP_NFES = (5, 6, 8, 10, 15, 20)
+FINAL_STEP_GRIDS = ("uniform_lambda", "uniform_t")
+
+
+def final_step_table(gmm, n, nfes, scale=8.0):
+    """dpmpp_2m and hb with final_step "ours" / "reference" on grids ending at sigma_min (final_zero=False):
+    RMS error to the exact ODE solution at sigma_min (VP and flow, no guidance), and the divergent
+    fraction at CFG scale 8 (VP)."""
+    runs = [(name, fs) for name in ("dpmpp_2m", "hb") for fs in ("ours", "reference")]
+    out = {}
+    for kind, process, prediction in (("vp", DiscreteVP.from_schedule(), "eps"), ("flow", RectifiedFlow(), "velocity")):
+        model = gmm.denoiser(process, prediction)
+        noise = SampleNoise(range(n), torch.float64)
+        labels = torch.arange(n) % gmm.num_classes
+        x = initial_noise(model, noise)
+        ref = gmm.exact_ode(x, model.sigma_max, model.sigma_min, labels)
+        for grid in FINAL_STEP_GRIDS:
+            for name, fs in runs:
+                row = out.setdefault(f"{kind} {grid} error: {name} {fs}", {})
+                for nfe in nfes:
+                    sigmas = make_grid(model.process, nfe, grid, final_zero=False)
+                    res, _ = run_sampler(name, model, x, sigmas, labels, options={"final_step": fs})
+                    row[nfe] = _rms(res, ref)
+    process = DiscreteVP.from_schedule()
+    model = with_guidance(gmm.denoiser(process, "eps"), scale)
+    data = gmm.sample(20000, torch.Generator().manual_seed(1))
+    limit = 3 * float(data.flatten(1).norm(dim=1).max())
+    m = min(n, 1000)
+    noise = SampleNoise(range(1000, 1000 + m), torch.float64)
+    labels = torch.arange(m) % gmm.num_classes
+    x = initial_noise(model, noise)
+    for grid in FINAL_STEP_GRIDS:
+        for name, fs in runs:
+            row = out.setdefault(f"vp {grid} divergent (cfg {scale:g}): {name} {fs}", {})
+            for nfe in nfes:
+                res, _ = run_sampler(name, model, x, make_grid(process, nfe, grid, final_zero=False), labels,
+                                     options={"final_step": fs})
+                norms = res.flatten(1).norm(dim=1)
+                row[nfe] = float(((norms > limit) | ~torch.isfinite(norms)).double().mean())
+    return out
+
+
 def plot(errors, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -117,10 +161,11 @@ def plot(errors, path: Path):
 
 
 def _print_table(title, table, cols):
+    width = max([20, *(len(name) + 1 for name in table)])
     print(f"\n{title}")
-    print(f"{'solver':20s}" + "".join(f"{c:>10}" for c in cols))
+    print(f"{'solver':{width}s}" + "".join(f"{c:>10}" for c in cols))
     for name, row in table.items():
-        print(f"{name:20s}" + "".join(f"{row[c]:10.4f}" if c in row else f"{'-':>10}" for c in cols))
+        print(f"{name:{width}s}" + "".join(f"{row[c]:10.4f}" if c in row else f"{'-':>10}" for c in cols))
 
 
 def main(quick: bool = False) -> dict:
@@ -130,14 +175,16 @@ def main(quick: bool = False) -> dict:
     errors = {"vp": error_table(gmm, DiscreteVP.from_schedule(), "eps", n, NFES),
               "flow": error_table(gmm, RectifiedFlow(), "velocity", n, NFES)}
     divergence = divergence_table(gmm, 128 if quick else 1000, DIVERGENCE_NFES)
+    final_step = final_step_table(gmm, n, FINAL_STEP_NFES)
     for kind, table in errors.items():
         _print_table(f"RMS error to the exact ODE solution ({kind}, {n} samples, {GRID} grid)", table, NFES)
     _print_table("Fraction of divergent samples, CFG scale 8 (VP)", divergence, DIVERGENCE_NFES)
+    _print_table("final_step conventions on grids ending at sigma_min", final_step, FINAL_STEP_NFES)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     plot(errors, out / ("samplers_quick.png" if quick else "samplers.png"))
     return {"error": {kind: _str_keys(table) for kind, table in errors.items()},
-            "divergence": _str_keys(divergence)}
+            "divergence": _str_keys(divergence), "final_step": _str_keys(final_step)}
 
 
 def _str_keys(table: dict) -> dict:
