@@ -223,3 +223,14 @@ def load_like(model: LLaDAModel):
     from models.llada import LLaDALM
 
     return LLaDALM(model)
+
+
+def test_tokenizer_chat_template_and_decode_stop_at_eos(tmp_path):
+    from models.diffusion_gemma import word_tokenizer
+
+    save_llada(tiny_model(), tmp_path)
+    word_tokenizer(50).save_pretrained(tmp_path)  # tokenizer.json + tokenizer_config.json with a chat template
+    lm = load_llada(tmp_path)
+    ids = lm.chat_ids([{"role": "user", "content": "w1 w2"}])
+    assert ids == [4, 5] and lm.encode("w3") == [6]
+    assert lm.decode([6, 7, 1, 8, 1]) == "w3 w4"  # everything after the first EOS (id 1) is padding
