@@ -87,6 +87,7 @@ def cmd_generate_remote(args) -> int:
 def cmd_generate(args) -> int:
     if args.server:
         return cmd_generate_remote(args)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # no install advice between a user and their samples
     import numpy as np
     import torch
     from tqdm import tqdm
