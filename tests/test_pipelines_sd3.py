@@ -47,3 +47,12 @@ def test_one_step_is_the_prior_prediction(both):
     _, ours = both
     result = generate(ours, PipelineRequest(seeds=[0], prompts=["a cat"], height=H, width=W, steps=1))
     assert result.nfe == 1 and torch.isfinite(result.images).all()
+
+
+def test_the_hook_counts_the_prior_step(both):
+    _, ours = both
+    seen = []
+    generate(ours, PipelineRequest(seeds=[0], prompts=["a cat"], height=H, width=W, steps=4, sampler="dpmpp_2m"),
+             hook=seen.append)
+    assert [(i.step, i.steps) for i in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert seen[-1].nfe == 4 and seen[-1].sigma_next == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -162,6 +162,9 @@ def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: H
         x = flow_prior_step(x0_hat, eps, float(sigmas[1]))
         report(hook, 0, steps, math.inf, float(sigmas[1]), x, x0_hat)
         sigmas, nfe = sigmas[1:], 1
+        if hook is not None:  # the sampler's steps count on from the prior step, and so does its NFE
+            inner = hook
+            hook = lambda info: inner(replace(info, step=info.step + 1, steps=info.steps + 1, nfe=info.nfe + 1))  # noqa: E731
     else:
         x = eps * math.sqrt(1 + float(sigmas[0]) ** 2)  # x_T / alpha_T with x_T ~ N(0, I)
     if len(sigmas) > 1:
