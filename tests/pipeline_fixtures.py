@@ -76,8 +76,8 @@ def _public_scheduler_fields(directory: Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def tiny_sd3(directory: Path, seed: int = 0, shift: float = 3.0):
-    """A StableDiffusion3Pipeline without T5 (diffusers then feeds zeros): 1-layer transformer, patch 2."""
+def tiny_sd3(directory: Path, seed: int = 0, shift: float = 3.0, t5: bool = False):
+    """A StableDiffusion3Pipeline, without T5 (diffusers then feeds zeros) unless `t5`: 1 layer, patch 2."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -99,7 +99,8 @@ def tiny_sd3(directory: Path, seed: int = 0, shift: float = 3.0):
         text_encoder=CLIPTextModelWithProjection(clip_text_config(projection=32)).eval(),
         tokenizer=clip_tokenizer(directory / "_tok"),
         text_encoder_2=CLIPTextModelWithProjection(clip_text_config(projection=32)).eval(),
-        tokenizer_2=clip_tokenizer(directory / "_tok2"), text_encoder_3=None, tokenizer_3=None)
+        tokenizer_2=clip_tokenizer(directory / "_tok2"), text_encoder_3=tiny_t5(64) if t5 else None,
+        tokenizer_3=t5_tokenizer() if t5 else None)
     pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
 
@@ -114,10 +115,10 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def tiny_t5():
+def tiny_t5(width: int = 32):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+    return T5EncoderModel(T5Config(vocab_size=40, d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
 
 

@@ -11,12 +11,13 @@ from tests.pipeline_fixtures import PROMPTS, tiny_sd3
 H, W, STEPS = 32, 24, 5
 
 
-@pytest.fixture(scope="module")
-def both(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["clip", "clip+t5"])
+def both(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp("sd3") / "sd3"
-    tiny_sd3(directory, shift=3.0)
-    theirs = StableDiffusion3Pipeline.from_pretrained(directory, local_files_only=True, text_encoder_3=None,
-                                                      tokenizer_3=None, image_encoder=None, feature_extractor=None)
+    tiny_sd3(directory, shift=3.0, t5=request.param)
+    without_t5 = {} if request.param else {"text_encoder_3": None, "tokenizer_3": None}
+    theirs = StableDiffusion3Pipeline.from_pretrained(directory, local_files_only=True, image_encoder=None,
+                                                      feature_extractor=None, **without_t5)
     theirs.set_progress_bar_config(disable=True)
     return theirs, load_pipeline(directory, "tiny-sd3")
 
