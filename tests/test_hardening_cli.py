@@ -5,6 +5,7 @@ option, one client module shared with the queue commands."""
 import argparse
 import ast
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -119,12 +120,17 @@ def test_ctrl_c_in_job_watch_exits_quietly(tmp_path):
 
             job = stub.SubmitJob(jpb.SubmitJobRequest(request=pb.GenerateRequest(model="gmm", num_samples=4)))
             proc = subprocess.Popen([sys.executable, "-m", "server.cli", "job", job.id, "--watch", "--server",
-                                     address], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-            time.sleep(4)  # started and watching (no worker: the job stays queued)
+                                     address], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            first = ""
+            end = time.monotonic() + 120
+            while not first and time.monotonic() < end and proc.poll() is None:  # the progress bar: watching
+                if select.select([proc.stderr], [], [], 0.5)[0]:
+                    first = os.read(proc.stderr.fileno(), 4096).decode()
+            assert first, "job --watch printed nothing"
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
+    err = first + err.decode()
+    assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
