@@ -156,3 +156,25 @@ def test_requests_with_different_prompts_share_forward_passes(both):
     ours.text.cache._rows.clear()
     assert torch.allclose(first.images, generate(ours, requests[0]).images, atol=1e-5)
     assert torch.allclose(second.images, generate(ours, requests[1]).images, atol=1e-5)
+
+
+def test_fp16_weight_variants_load_in_float16(tmp_path):
+    directory = tmp_path / "sd16"
+    pipe = tiny_sd(directory / "_build")
+    pipe.to(torch.float16).save_pretrained(directory, safe_serialization=True, variant="fp16")
+    assert not list((directory / "unet").glob("diffusion_pytorch_model.safetensors"))
+    ours = load_pipeline(directory, "tiny-sd-fp16", dtype="float16")
+    assert ours.decoder.vae.config.force_upcast  # AutoencoderKL's default: the float16 VAE decodes in float32
+    assert next(ours.decoder.vae.parameters()).dtype == torch.float32 and ours.decoder.dtype == torch.float32
+    result = generate(ours, PipelineRequest(seeds=[0], prompts=["a cat"], height=H, width=W, steps=2,
+                                            guidance=3.0))
+    assert result.images.dtype == torch.float32 and torch.isfinite(result.images).all()
+
+
+def test_the_prompt_cache_is_bounded():
+    from models.pipelines.common import EmbeddingCache
+
+    cache = EmbeddingCache(size=2)
+    for prompt in ("a", "b", "a", "c"):
+        cache.put(prompt, {"x": torch.zeros(1)})
+    assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is not None

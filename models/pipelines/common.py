@@ -64,10 +64,17 @@ def check_components(directory: Path, index: dict, allowed: dict[str, tuple[str,
     return found
 
 
+def weight_variant(folder: Path) -> str | None:
+    """'fp16' when the folder holds only fp16-variant safetensors (`*.fp16.safetensors`), else None."""
+    names = [p.name for p in Path(folder).glob("*.safetensors")]
+    return "fp16" if names and all(".fp16" in n for n in names) else None
+
+
 def load_component(cls, directory: Path, name: str, dtype: torch.dtype, device: str):
-    """from_pretrained with safetensors only and local files only; eval mode, no gradients."""
-    module = cls.from_pretrained(Path(directory) / name, use_safetensors=True, local_files_only=True,
-                                 torch_dtype=dtype)
+    """from_pretrained with safetensors only and local files only (fp16 variants too); eval, no gradients."""
+    folder = Path(directory) / name
+    module = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+                                 variant=weight_variant(folder))
     return module.to(device).eval().requires_grad_(False)
 
 
