@@ -43,3 +43,11 @@ def test_labels_and_sizes_are_checked(both):
         generate(ours, PipelineRequest(seeds=[0], steps=2))
     with pytest.raises(Exception, match="generates only at"):
         generate(ours, PipelineRequest(seeds=[0], class_labels=[1], height=32, width=32, steps=2))
+
+
+def test_describe_says_what_the_model_takes(both):
+    _, ours = both
+    info = ours.describe()
+    assert (info["family"], info["takes_prompt"], info["num_classes"], info["null_class"]) == ("dit", False, 1000,
+                                                                                               1000)
+    assert info["sizes"] == [(16, 16)] and info["default_guidance"] == 4.0

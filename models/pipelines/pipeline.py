@@ -63,3 +63,14 @@ class LatentPipeline:
     def grid(self, steps: int, sampler: str, height: int, width: int) -> torch.Tensor:
         """Noise levels (VE kappa, decreasing, ending at 0 or the table's minimum) for one request."""
         return self.schedule.grid(steps, sampler, self.image_seq_len(height, width))
+
+    def describe(self) -> dict:
+        """What ListModels / GetModel say about this model: inputs, sizes, defaults."""
+        step = self.factor * self.patch
+        return {"family": self.family, "kind": self.denoiser.kind, "takes_prompt": self.takes_prompt,
+                "num_classes": self.num_classes, "null_class": self.info.get("null_class"),
+                "default_height": self.default_size[0], "default_width": self.default_size[1],
+                "size_multiple": step, "sizes": self.info.get("sizes"), "default_steps": self.default_steps,
+                "default_guidance": self.default_guidance,
+                "distilled_guidance": bool(self.info.get("distilled_guidance", False)),
+                "latent_channels": self.denoiser.shape[0] if self.denoiser.shape else None}
