@@ -22,6 +22,10 @@ VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"
                  "UniPCMultistepScheduler", "PNDMScheduler"}
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# Flow-scheduler fields that change the math of a pixel model's sampling and have no mapping here
+# (latent pipelines map most of them: models/pipelines/schedule.py).
+FLOW_REFUSED = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                "stochastic_sampling")
 
 
 class UnsupportedConfig(ValueError):
@@ -41,6 +45,10 @@ def map_scheduler_config(config: dict) -> SchedulerMapping:
     """Map a diffusers scheduler config onto (process, prediction type); unknown values raise."""
     cls = config.get("_class_name")
     if cls in FLOW_SCHEDULERS:
+        for key in FLOW_REFUSED:
+            if config.get(key):
+                raise UnsupportedConfig(f"scheduler config field {key!r}: {config[key]!r} changes the sampling "
+                                        "math and is not supported for this model")
         if config.get("use_dynamic_shifting"):
             raise UnsupportedConfig("scheduler config field 'use_dynamic_shifting': resolution-dependent shift "
                                     "is not supported")
@@ -65,6 +73,8 @@ def map_scheduler_config(config: dict) -> SchedulerMapping:
             raise UnsupportedConfig(f"scheduler config field 'beta_schedule': {schedule!r} is not supported")
         betas = list(beta_table(schedule, steps, float(config.get("beta_start", 1e-4)),
                                 float(config.get("beta_end", 0.02))))
+    if config.get("thresholding"):
+        raise UnsupportedConfig("scheduler config field 'thresholding': dynamic thresholding is not supported")
     if config.get("rescale_betas_zero_snr"):
         raise UnsupportedConfig("scheduler config field 'rescale_betas_zero_snr': zero terminal SNR is not supported")
     return SchedulerMapping(DiscreteVP(tuple(betas)), PREDICTION_TYPES[prediction], "diffusion", 1.0)
