@@ -85,7 +85,7 @@ def load_tokenizer(cls, directory: Path, name: str):
 class EmbeddingCache:
     """Bounded LRU of per-prompt conditioning rows (dict of tensors without the batch axis); thread-safe."""
 
-    def __init__(self, size: int = 256):
+    def __init__(self, size: int = 64):  # SD3's rows are ~5 MB each (333 x 4096 floats)
         self.size = size
         self._rows: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
@@ -114,7 +114,7 @@ def stack_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def split_rows(batch: dict[str, torch.Tensor]) -> list[dict]:
     n = next(iter(batch.values())).shape[0]
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    return [{k: v[i].clone() for k, v in batch.items()} for i in range(n)]  # compact: no view of the batch
 
 
 @dataclass(frozen=True, eq=False)
