@@ -57,3 +57,9 @@ def test_the_hook_counts_the_prior_step(both):
              hook=seen.append)
     assert [(i.step, i.steps) for i in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert seen[-1].nfe == 4 and seen[-1].sigma_next == 0
+
+
+def test_hundreds_of_steps_stay_in_the_models_range(both):
+    _, ours = both
+    sigmas = ours.grid(800, "euler", H, W)
+    assert sigmas[1] < ours.denoiser.sigma_max and sigmas[-2] > ours.denoiser.sigma_min

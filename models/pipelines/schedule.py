@@ -153,7 +153,9 @@ def map_schedule(config: dict, model: str, flow_start: str = "scheduler") -> Sch
         if terminal is not None and not 0 < float(terminal) < 1:
             raise UnsupportedConfig(f"model {model!r}: scheduler config field 'shift_terminal' = {terminal!r} "
                                     "must lie in (0, 1)")
-        return Schedule(model, RectifiedFlow(), "velocity", "flow", dict(config), sigmas, flow_start)
+        # a wide time range: at hundreds of steps the second level of a shifted grid lies above t = 0.999
+        return Schedule(model, RectifiedFlow(t_min=1e-6, t_max=1 - 1e-7), "velocity", "flow", dict(config), sigmas,
+                        flow_start)
     _choice(config, model, "timestep_spacing", spacing.SPACINGS, "leading")
     _choice(config, model, "final_sigmas_type", ("zero", "sigma_min", None), "zero")
     try:
