@@ -95,6 +95,24 @@ def test_serving_packages_import_nothing_from_training():
     assert offenders == []
 
 
+def test_serving_packages_need_no_training_only_dependency():
+    """scikit-learn, matplotlib and torchmetrics come with the `train` extra only (pyproject.toml)."""
+    train_only = {"sklearn", "matplotlib", "torchmetrics"}
+    offenders = []
+    for name, path in _modules().items():
+        if name.split(".")[0] not in SERVING:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            offenders += [f"{name} imports {r}" for r in sorted(roots & train_only)]
+    assert offenders == []
+
+
 def test_no_import_cycles():
     assert [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES] == []
 
