@@ -69,7 +69,7 @@ def to_request(pb, request, entry) -> GenerateRequest:
     steps = request.steps or (None if entry.kind == "masked" else entry.default_steps)  # masked: per sampler
     guidance = request.guidance if request.HasField("guidance") else None
     class_label = request.class_label if request.HasField("class_label") else None
-    if guidance is None and class_label is not None:
+    if guidance is None and (class_label is not None or request.prompt):
         guidance = entry.guidance
     if guidance is not None and not math.isfinite(guidance):
         raise InvalidRequest("guidance: must be finite")
@@ -87,7 +87,11 @@ def to_request(pb, request, entry) -> GenerateRequest:
                            seed=int(request.base_seed), seeds=seeds, class_label=class_label, guidance=guidance,
                            grid=request.grid or None, options=options_of(request, "options", "typed_options"),
                            prompt_tokens=tuple(request.prompt_tokens) or None,
-                           prompt_text=request.prompt_text or None)
+                           prompt_text=request.prompt_text or None, prompt=request.prompt or None,
+                           negative_prompt=request.negative_prompt or None, height=request.height or None,
+                           width=request.width or None,
+                           distilled_guidance=request.distilled_guidance if request.HasField("distilled_guidance")
+                           else None)
 
 
 def tensor(pb, array: np.ndarray):
@@ -136,6 +140,8 @@ def to_response(pb, name: str, out, fmt: int, png_scale: int = 1):
 def model_info(pb, entry, served):
     model = served.loaded.model
     masked = entry.kind == "masked"
+    if entry.family is not None:  # a latent pipeline (models/pipelines)
+        return _pipeline_info(pb, entry, served)
     shape = [model.length] if masked else list(model.shape)
     info = pb.ModelInfo(name=entry.name, kind=entry.kind, shape=shape,
                         num_classes=getattr(model, "num_classes", None) or 0,
@@ -151,6 +157,22 @@ def model_info(pb, entry, served):
         info.tokenizer = _tokenizer_name(tokenizer)
     else:
         info.layout, info.value_min, info.value_max = "CHW", -1.0, 1.0
+    return info
+
+
+def _pipeline_info(pb, entry, served):
+    """ModelInfo of a text-to-image or class-conditional latent pipeline: its inputs, sizes and defaults."""
+    d = served.loaded.model.describe()
+    info = pb.ModelInfo(name=entry.name, kind=d["kind"], shape=[3, d["default_height"], d["default_width"]],
+                        num_classes=d["num_classes"] or 0, default_sampler=entry.default_sampler,
+                        default_steps=entry.default_steps, backend=served.backend, ready=served.ready,
+                        layout="CHW", value_min=-1.0, value_max=1.0, family=d["family"],
+                        takes_prompt=d["takes_prompt"], default_height=d["default_height"],
+                        default_width=d["default_width"], size_multiple=d["size_multiple"],
+                        takes_distilled_guidance=d["distilled_guidance"])
+    guidance = entry.guidance if entry.guidance is not None else d["default_guidance"]
+    if guidance is not None:
+        info.guidance = guidance
     return info
 
 

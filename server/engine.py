@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.config import lookup
+from samplers import REGISTRY
 from samplers.calls import NetworkCall
 from samplers.errors import Cancelled, DeadlineExceeded
 
@@ -66,6 +67,18 @@ class Request:
         if self.cancel is not None and self.cancel.is_set():
             return Cancelled("the request was cancelled")
         return None
+
+
+def warm_up_request(loaded) -> GenerateRequest:
+    """The smallest request a model takes: one sample, one step (masked FHS: its own steps), its input."""
+    entry, model = loaded.entry, loaded.model
+    if entry.kind == "masked":
+        steps = None if REGISTRY[entry.default_sampler].one_step_per_mask else 1
+        return GenerateRequest(entry.default_sampler, steps, n=1)
+    if entry.family is not None:  # a latent pipeline: a prompt or a class label
+        return GenerateRequest(entry.default_sampler, 1, n=1, prompt="warm-up" if model.takes_prompt else None,
+                               class_label=None if model.takes_prompt else 0)
+    return GenerateRequest(entry.default_sampler, 1, n=1)
 
 
 class StepLoop:
@@ -275,10 +288,8 @@ class Engine:
     def warm_up(self) -> None:
         """One tiny request per model through its step loop, then mark it ready."""
         for name, served in self.models.items():
-            entry = served.loaded.entry
-            steps = None if entry.kind == "masked" and entry.default_sampler == "first_hitting" else 1
             try:
-                self._run_warm_up(name, GenerateRequest(entry.default_sampler, steps, n=1))
+                self._run_warm_up(name, warm_up_request(served.loaded))
             except Exception:  # a model that cannot warm up stays NOT_SERVING; the others serve
                 log.exception("model %s failed its warm-up request and stays unavailable", name)
                 continue

@@ -40,6 +40,11 @@ class GenerateRequest:
     prompt_tokens: tuple[int, ...] | None = None  # masked models: -1 marks positions to sample
     prompt_text: str | None = None
     search: SearchRequest | None = None
+    prompt: str | None = None  # text-to-image pipelines
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    distilled_guidance: float | None = None  # FLUX-dev's guidance input
 
     def sample_seeds(self) -> list[int]:
         if self.seeds is not None:

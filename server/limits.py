@@ -55,9 +55,10 @@ def check_generate_request(request, where: str = "") -> None:
         _name(request, field, where)
     if len(request.seeds) > MAX_SEEDS:
         raise InvalidRequest(f"{where}seeds: {len(request.seeds)} seeds, at most {MAX_SEEDS}")
-    prompt_bytes = len(request.prompt_text.encode("utf-8", "surrogatepass"))
-    if prompt_bytes > MAX_PROMPT_BYTES:
-        raise InvalidRequest(f"{where}prompt_text: {prompt_bytes} bytes, at most {MAX_PROMPT_BYTES}")
+    for field in ("prompt_text", "prompt", "negative_prompt"):
+        prompt_bytes = len(getattr(request, field).encode("utf-8", "surrogatepass"))
+        if prompt_bytes > MAX_PROMPT_BYTES:
+            raise InvalidRequest(f"{where}{field}: {prompt_bytes} bytes, at most {MAX_PROMPT_BYTES}")
     if len(request.prompt_tokens) > MAX_PROMPT_TOKENS:
         raise InvalidRequest(f"{where}prompt_tokens: {len(request.prompt_tokens)} tokens, at most {MAX_PROMPT_TOKENS}")
     if request.png_scale > MAX_PNG_SCALE:

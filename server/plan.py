@@ -75,6 +75,8 @@ class Plan:
                 ) -> StepMachine[GenerateResult]:
         """The step machine of this plan on `loaded` (through `model` when given, e.g. a backend)."""
         model = loaded.model if model is None else model
+        if loaded.entry.family is not None:
+            return _pipeline(self, model, hook)
         if self.request.search is not None:
             return _search(self, loaded, model, hook, dict(resources or {}))
         if loaded.kind == "masked":
@@ -94,6 +96,11 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
     model, kind = loaded.model, loaded.kind
     if output is not None:
         _check_output(output, kind)
+    if loaded.entry.family is not None:
+        return _plan_pipeline(loaded, request, limits, seeds, output, png_scale)
+    if request.prompt or request.negative_prompt or request.height or request.width:
+        field = "prompt" if request.prompt or request.negative_prompt else "height, width"
+        raise InvalidRequest(f"{field}: model {loaded.name!r} is not a text-to-image pipeline")
     if limits.max_response_bytes is not None:  # refuse what the client could not receive, before compute
         shape = (model.length,) if kind == "masked" else tuple(model.shape)
         check_response_size(kind, shape, n, output or ("text" if kind == "masked" else "png"), png_scale,
@@ -128,6 +135,48 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
     if steps is not None and steps > limits.max_steps:
         raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
     return Plan(loaded.name, sampler_kind, replace(request, steps=steps), seeds, options)
+
+
+def _plan_pipeline(loaded, request: GenerateRequest, limits: Limits, seeds, output, png_scale) -> Plan:
+    """Latent pipelines (models/pipelines): a prompt (or a class label), a size, a sampler for its kind."""
+    pipe = loaded.model
+    if request.search is not None:
+        raise InvalidRequest(f"search: test-time search is not available on latent pipelines yet "
+                             f"(model {loaded.name!r})")
+    if request.prompt_text or request.prompt_tokens:
+        raise InvalidRequest(f"prompt_text: model {loaded.name!r} takes `prompt` (text-to-image), not a token "
+                             f"template")
+    if request.grid is not None:
+        raise InvalidRequest(f"grid: model {loaded.name!r} samples on its own scheduler's time grid")
+    if pipe.takes_prompt:
+        if not request.prompt:
+            raise InvalidRequest(f"prompt: model {loaded.name!r} needs a prompt")
+        if request.class_label is not None:
+            raise InvalidRequest(f"class_label: model {loaded.name!r} takes a prompt, not a class label")
+    else:
+        if request.prompt or request.negative_prompt:
+            raise InvalidRequest(f"prompt: model {loaded.name!r} is class-conditional; give a class_label")
+        if request.class_label is None:
+            raise InvalidRequest(f"class_label: model {loaded.name!r} needs a class label")
+        if not 0 <= request.class_label < pipe.num_classes:
+            raise InvalidRequest(f"class_label: {request.class_label} is outside [0, {pipe.num_classes - 1}]")
+    if request.distilled_guidance is not None and not pipe.info.get("distilled_guidance", False):
+        raise InvalidRequest(f"distilled_guidance: model {loaded.name!r} has no guidance input; use guidance")
+    if request.guidance is not None and not 0.0 <= float(request.guidance) <= 100.0:
+        raise InvalidRequest(f"guidance: {request.guidance} is outside [0, 100]")
+    height, width = request.height or pipe.default_size[0], request.width or pipe.default_size[1]
+    pipe.check_size(height, width)
+    steps = request.steps if request.steps is not None else pipe.default_steps
+    if not request.sampler:
+        raise InvalidRequest("sampler: name is empty")
+    _, options = validate(request.sampler, steps, request.options, pipe.denoiser.kind)
+    if steps > limits.max_steps:
+        raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
+    if limits.max_response_bytes is not None:
+        check_response_size("diffusion", (3, height, width), len(seeds), output or "png", png_scale,
+                            limits.max_response_bytes)
+    return Plan(loaded.name, pipe.denoiser.kind, replace(request, steps=steps, height=height, width=width),
+                seeds, options)
 
 
 def _check_output(output: str, kind: str) -> None:
@@ -262,3 +311,17 @@ def _search(plan: Plan, loaded, model, hook, resources) -> StepMachine[GenerateR
     texts = [model.decode(row) for row in samples] if loaded.kind == "masked" else None
     return GenerateResult(samples, result.nfe, list(result.seeds), texts,
                           rewards=[float(r) for r in result.rewards])
+
+
+def _pipeline(plan: Plan, pipe, hook) -> StepMachine[GenerateResult]:
+    """Text encoding -> denoising -> VAE decoding (models/pipelines); decoded images (N, 3, H, W) in [-1, 1]."""
+    from models.pipelines.generate import PipelineRequest, generate_machine
+
+    r = plan.request
+    request = PipelineRequest(
+        seeds=list(plan.seeds), prompts=r.prompt, negative_prompts=r.negative_prompt,
+        class_labels=None if r.class_label is None else [r.class_label], height=r.height, width=r.width,
+        steps=r.steps, sampler=r.sampler, guidance=r.guidance, options=plan.options,
+        distilled_guidance=r.distilled_guidance)
+    out = yield from generate_machine(pipe, request, hook)
+    return GenerateResult(_check_finite(out.images), out.nfe, list(plan.seeds))
