@@ -170,22 +170,15 @@ class LatentDenoiser:
         return self._call(noise, torch.ones(noise.shape[0], dtype=torch.float64), cond, noise.dtype)
 
     def _call(self, x_t, t, cond, dtype) -> NetworkCall:
-        alpha = _bcast(self.process.alpha(t), x_t) if self.kind != "flow" else _bcast(1 - t, x_t)
-        sig = _bcast(self.process.sigma(t), x_t) if self.kind != "flow" else _bcast(t, x_t)
+        alpha, sig = _bcast(self.process.alpha(t), x_t), _bcast(self.process.sigma(t), x_t)
         to_x0 = PREDICTIONS[self.prediction]
         own = {k: v for k, v in (cond or {}).items() if not k.startswith(NEG)}
         timestep = (t * self.time_scale).to(torch.float32)
         return evaluate(self.net, x_t.to(torch.float32), timestep, own).then(
-            lambda out: _x0(to_x0, x_t, out.to(dtype), alpha, sig, self.process))
+            lambda out: to_x0(x_t, out.to(dtype), alpha, sig, self.process))
 
     def __call__(self, x, sigma, cond=None):
         return self.network_call(x, sigma, cond).run()
-
-
-def _x0(to_x0, x_t, out, alpha, sig, process):
-    if to_x0.__name__ == "velocity_to_x0":
-        return x_t - sig * out  # also valid at t = 1, where the VE adapter's process check is moot
-    return to_x0(x_t, out, alpha, sig, process)
 
 
 @dataclass(frozen=True, eq=False)
