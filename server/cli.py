@@ -45,13 +45,25 @@ def _write_texts(texts, out: Path | None) -> str:
     return str(out)
 
 
+def _prompt_fields(args, entry) -> dict:
+    """`--prompt` is the prompt of a latent text-to-image pipeline, else a masked model's text template."""
+    if entry.family is None:
+        return {"prompt_text": args.prompt, "negative_prompt": args.negative_prompt, "height": args.height,
+                "width": args.width, "distilled_guidance": args.distilled_guidance}
+    return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "height": args.height,
+            "width": args.width, "distilled_guidance": args.distilled_guidance}
+
+
 def cmd_generate_remote(args) -> int:
     import numpy as np
 
     from .client import connect, generate_request, tensor_to_array
 
     pb, stub, metadata = connect(args.server, args.token, args.ca)
-    request = generate_request(pb, args, pb.TENSOR if args.format == "npy" else pb.OUTPUT_FORMAT_UNSPECIFIED)
+    text_to_image = bool(args.prompt) and stub.GetModel(pb.GetModelRequest(name=args.model),
+                                                        metadata=metadata).takes_prompt
+    request = generate_request(pb, args, pb.TENSOR if args.format == "npy" else pb.OUTPUT_FORMAT_UNSPECIFIED,
+                               text_to_image)
     result = None
     from tqdm import tqdm
 
@@ -104,12 +116,13 @@ def cmd_generate(args) -> int:
     entry = lookup(load_config(args.config), args.model)
     loaded = load_model(entry)
     steps = args.steps if args.steps is not None else (None if entry.kind == "masked" else entry.default_steps)
+    text_to_image = entry.family is not None
     request = GenerateRequest(sampler=args.sampler or entry.default_sampler, steps=steps,
                               n=args.n, seed=args.seed, class_label=args.class_label,
                               guidance=args.guidance if args.guidance is not None else
-                              (entry.guidance if args.class_label is not None else None),
-                              grid=args.grid, options=dict(args.option),
-                              prompt_text=args.prompt, search=_search_request(args))
+                              (entry.guidance if args.class_label is not None or text_to_image else None),
+                              grid=args.grid, options=dict(args.option), search=_search_request(args),
+                              **_prompt_fields(args, entry))
     with tqdm(total=request.steps, desc=f"{entry.name} {request.sampler}", unit="step", leave=False,
               disable=args.quiet) as bar:
         def progress(info):

@@ -95,11 +95,21 @@ def option_value(pb, value):
     raise ValueError(f"option value {str(value)[:100]!r}: expected a number, a string, true/false or a list")
 
 
-def generate_request(pb, args, fmt: int):
-    """The GenerateRequest of `generate --server` and `submit` arguments (the same flags, one builder)."""
+def generate_request(pb, args, fmt: int, text_to_image: bool = False):
+    """The GenerateRequest of `generate --server` and `submit` arguments (the same flags, one builder).
+    `--prompt` is a text-to-image prompt for latent pipelines (`text_to_image`), else a masked model's
+    text template."""
     request = pb.GenerateRequest(model=args.model, sampler=args.sampler or "", steps=args.steps or 0,
                                  num_samples=args.n, base_seed=args.seed, grid=args.grid or "",
-                                 prompt_text=args.prompt or "", format=fmt, png_scale=args.scale or 0)
+                                 format=fmt, png_scale=args.scale or 0,
+                                 negative_prompt=args.negative_prompt or "", height=args.height or 0,
+                                 width=args.width or 0)
+    if text_to_image:
+        request.prompt = args.prompt or ""
+    else:
+        request.prompt_text = args.prompt or ""
+    if args.distilled_guidance is not None:
+        request.distilled_guidance = args.distilled_guidance
     for key, value in args.option:
         request.typed_options[key].CopyFrom(option_value(pb, value))
     if args.class_label is not None:
@@ -132,7 +142,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, help="sampler steps; default: the model's")
     parser.add_argument("--class", dest="class_label", type=non_negative_int,
                         help="class label for class-conditional models (e.g. the digit 0-9)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (needs --class; 1 = none)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (with --class or a "
+                                                      "text-to-image --prompt; 1 = none)")
     parser.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the first sample; sample k uses seed + k (default 0)")
@@ -140,8 +151,16 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
                                        "model's")
     parser.add_argument("--option", action="append", default=[], type=option, metavar="KEY=VALUE",
                         help="sampler option, VALUE as JSON (e.g. eta=0.5); repeatable")
-    parser.add_argument("--prompt", help="masked (text) models: a text template; the mask token marks positions "
-                                         "to fill")
+    parser.add_argument("--prompt", help="text-to-image models: the prompt; masked (text) models: a text template "
+                                         "in which the mask token marks positions to fill")
+    parser.add_argument("--negative-prompt", help="text-to-image models: what to steer away from (the "
+                                                  "unconditional half of guidance)")
+    parser.add_argument("--height", type=positive_int, help="text-to-image models: image height in pixels "
+                                                            "(default: the model's)")
+    parser.add_argument("--width", type=positive_int, help="text-to-image models: image width in pixels "
+                                                           "(default: the model's)")
+    parser.add_argument("--distilled-guidance", type=float,
+                        help="FLUX-dev: the distilled guidance value (its own input, not --guidance)")
     parser.add_argument("--search", help="test-time search method instead of one sampler run (e.g. best_of_n, "
                                          "evosearch)")
     parser.add_argument("--budget", type=positive_int, help="search: NFE budget per sample")

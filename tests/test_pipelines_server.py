@@ -97,3 +97,21 @@ def test_prompts_on_an_image_model_without_text_are_refused():
             stub.Generate(pb.GenerateRequest(model="gmm", prompt="a cat"))
         channel.close()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a text-to-image" in info.value.details()
+
+
+def test_the_command_line_generates_the_same_images_in_process_and_over_the_server(served, tmp_path):
+    from server.cli import main as cli_main
+
+    server, _, loaded = served
+    config = loaded.entry.directory.parent / "models.toml"
+    args = ["generate", "--config", str(config), "--model", "tiny-sd", "--prompt", "a red cube", "--negative-prompt",
+            "blurry", "--height", str(H), "--width", str(W), "--steps", "3", "--n", "2", "--seed", "5", "--guidance",
+            "2.5", "--format", "npy", "--quiet"]
+    assert cli_main(args + ["--out", str(tmp_path / "local.npy")]) == 0
+    assert cli_main(args + ["--out", str(tmp_path / "remote.npy"), "--server", f"127.0.0.1:{server.port}"]) == 0
+    local, remote = np.load(tmp_path / "local.npy"), np.load(tmp_path / "remote.npy")
+    direct = generate(loaded.model, PipelineRequest(seeds=[5, 6], prompts="a red cube", negative_prompts="blurry",
+                                                    height=H, width=W, steps=3, sampler="dpmpp_2m", guidance=2.5))
+    assert local.shape == (2, 3, H, W) and local.dtype == np.float32
+    assert float(np.abs(local - direct.images.numpy()).max()) < 1e-5
+    assert float(np.abs(remote - local).max()) < 1e-5
