@@ -112,6 +112,11 @@ def test_in_process_generate_limits_torch_threads(tmp_path):
     assert args.threads == 1
 
 
+def _default_sigint():
+    """In the child: SIGINT as in a terminal (a test runner started in the background passes it on ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_job_watch_exits_quietly(tmp_path):
     with redis_server(tmp_path / "redis") as redis:
         config = settings(redis.url)
@@ -120,7 +125,8 @@ def test_ctrl_c_in_job_watch_exits_quietly(tmp_path):
 
             job = stub.SubmitJob(jpb.SubmitJobRequest(request=pb.GenerateRequest(model="gmm", num_samples=4)))
             proc = subprocess.Popen([sys.executable, "-m", "server.cli", "job", job.id, "--watch", "--server",
-                                     address], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     address], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    preexec_fn=_default_sigint)
             first = ""
             end = time.monotonic() + 120
             while not first and time.monotonic() < end and proc.poll() is None:  # the progress bar: watching

@@ -92,11 +92,15 @@ def cmd_job(args) -> int:
         backoff = Backoff(cap=10.0)
         with tqdm(total=job.num_samples, desc=job.id[:8], unit="sample", disable=args.quiet) as bar:
             while job.state in (jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING):
+                call = stub.WatchJob(jpb.GetJobRequest(id=args.id), metadata=metadata)
                 try:
-                    for job in stub.WatchJob(jpb.GetJobRequest(id=args.id), metadata=metadata):
+                    for job in call:
                         bar.set_postfix_str(_state(jpb, job))
                         bar.update(round(job.progress * job.num_samples) - bar.n)
                         backoff.reset()
+                except KeyboardInterrupt:  # Ctrl-C: end the call, so no gRPC thread holds the exit up
+                    call.cancel()
+                    raise
                 except grpc.RpcError as err:
                     if err.code() != grpc.StatusCode.UNAVAILABLE:
                         raise
