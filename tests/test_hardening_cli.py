@@ -127,14 +127,19 @@ def test_ctrl_c_in_job_watch_exits_quietly(tmp_path):
             proc = subprocess.Popen([sys.executable, "-m", "server.cli", "job", job.id, "--watch", "--server",
                                      address], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     preexec_fn=_default_sigint)
-            first = ""
-            end = time.monotonic() + 120
-            while not first and time.monotonic() < end and proc.poll() is None:  # the progress bar: watching
-                if select.select([proc.stderr], [], [], 0.5)[0]:
-                    first = os.read(proc.stderr.fileno(), 4096).decode()
-            assert first, "job --watch printed nothing"
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+            try:
+                first = ""
+                end = time.monotonic() + 120
+                while not first and time.monotonic() < end and proc.poll() is None:  # the progress bar: watching
+                    if select.select([proc.stderr], [], [], 0.5)[0]:
+                        first = os.read(proc.stderr.fileno(), 4096).decode()
+                assert first, "job --watch printed nothing"
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
     err = first + err.decode()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
