@@ -204,3 +204,44 @@ def test_struct_null_is_named(served):
     request.options.fields["eta"].null_value = struct_pb2.NULL_VALUE
     code, details = refused(stub.Generate, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("options.eta: null")
+
+
+class TinyTokenizer:
+    """The parts of a tokenizer ModelInfo reads: its mask token and where it was loaded from."""
+
+    mask_token, name_or_path = "<mask>", "/srv/secret/checkpoints/tiny-tokenizer/"
+
+
+class TinyTextModel:
+    """A time-agnostic masked model over 5 tokens + mask (fixed logits), with a tokenizer."""
+
+    mask_id, vocab_size, length, forbidden = 5, 6, 8, (5,)
+    tokenizer = TinyTokenizer()
+
+    def logits(self, tokens, cond=None):
+        import torch
+
+        table = torch.randn(self.length, self.vocab_size, generator=torch.Generator().manual_seed(0))
+        return table[: tokens.shape[1]].expand(tokens.shape[0], -1, -1).clone()
+
+    def encode(self, text):
+        return [int(c) % 5 for c in text if c.isdigit()]
+
+    def decode(self, ids):
+        return "".join(str(int(i)) for i in ids)
+
+
+def test_model_info_of_a_text_model_names_its_mask_token_and_tokenizer():
+    from pathlib import Path
+
+    from models.config import ModelEntry
+    from models.loading import LoadedModel
+
+    loaded = LoadedModel(ModelEntry("tiny-text", Path("."), "masked", "first_hitting", 8), TinyTextModel())
+    with running_server({"tiny-text": loaded}) as srv:
+        stub, channel = stub_for(srv)
+        info = stub.GetModel(pb.GetModelRequest(name="tiny-text"))
+        channel.close()
+    assert (info.layout, info.mask_token, info.mask_token_id) == ("L", "<mask>", 5)
+    assert info.tokenizer == "tiny-tokenizer"  # the checkpoint's name, never its path
+    assert list(info.shape) == [8] and info.vocab_size == 6
