@@ -26,7 +26,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from samplers.errors import InvalidRequest, UnknownModel
+from samplers.errors import InvalidRequest, UnknownModel, quote
 
 KINDS = ("diffusion", "flow", "meanflow", "masked", "block_diffusion")  # block_diffusion: DiffusionGemma
 DTYPES = ("float32", "float16", "bfloat16")
@@ -148,5 +148,5 @@ def lookup(entries: dict[str, ModelEntry], name: str) -> ModelEntry:
     if not name:
         raise InvalidRequest("model: name is empty")
     if name not in entries:
-        raise UnknownModel(f"model: no served model named {name!r}; available: {', '.join(sorted(entries))}")
+        raise UnknownModel(f"model: no served model named {quote(name)}; available: {', '.join(sorted(entries))}")
     return entries[name]

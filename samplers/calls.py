@@ -60,6 +60,21 @@ def evaluate(model: Callable, *args) -> NetworkCall:
     return split(model, *args) if split is not None else NetworkCall(model, args)
 
 
+def evaluate_logits(model, tokens, cond=None) -> NetworkCall:
+    """The NetworkCall for a masked model's `model.logits(tokens, cond) -> (B, L, V)`, split by the class's
+    `logits_call` when it has one (looked up on the class, as in `evaluate`); the shape is checked."""
+    split = getattr(type(model), "logits_call", None)
+    call = split(model, tokens, cond) if split is not None else NetworkCall(model.logits, (tokens, cond))
+    return call.then(lambda out: _checked_logits(model, tokens, out))
+
+
+def _checked_logits(model, tokens, out):
+    if out.shape != (*tokens.shape, model.vocab_size):
+        raise RuntimeError(f"masked model returned logits of shape {tuple(out.shape)}, expected "
+                           f"{(*tokens.shape, model.vocab_size)}")
+    return out
+
+
 def step_machine(machine: Callable[..., StepMachine[T]]) -> Callable[..., T]:
     """Decorator: the plain-function form of generator function `machine` (same arguments, runs it to
     completion with `drive`); the generator stays reachable as `.machine` for callers that are

@@ -5,6 +5,18 @@ nothing below the servicer imports grpc.
 """
 
 
+QUOTE_CHARS = 100
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """`value` for an error message: repr() of at most `limit` characters of it, with the full length
+    when cut, so a 1 MB name comes back as ~120 bytes, never as the whole input."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class DiffservError(Exception):
     """Base class of every error diffserve raises on purpose."""
 

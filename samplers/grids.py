@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, quote
 from .processes import F64, Process
 
 
@@ -52,7 +52,7 @@ def make_grid(process: Process, steps: int, kind: str = "uniform_lambda", final_
               shift: float = 1.0) -> torch.Tensor:
     """The `kind` grid with `steps` steps for `process`, optionally ending at kappa = 0 and time-shifted."""
     if kind not in GRIDS:
-        raise InvalidRequest(f"grid: unknown grid {kind!r}; expected one of {sorted(GRIDS)}")
+        raise InvalidRequest(f"grid: unknown grid {quote(kind)}; expected one of {sorted(GRIDS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidRequest(f"steps: must be a positive integer, got {steps!r}")
     sigmas = GRIDS[kind](process, steps)

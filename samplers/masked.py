@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .calls import NetworkCall, StepMachine, drive
+from .calls import StepMachine, drive, evaluate_logits
 from .errors import InvalidRequest
 from .hooks import Hook, report
 from .noise import SampleNoise
@@ -117,18 +117,7 @@ def _take(cond: Any, rows: torch.Tensor) -> Any:
     return [cond[i] for i in rows.tolist()]
 
 
-def logits_call(model: MaskedDenoiser, x: torch.Tensor, cond: Any) -> NetworkCall:
-    """The network call of `model.logits(x, cond)`, checking the shape of what comes back."""
-    split = getattr(type(model), "logits_call", None)  # on the class: see samplers.calls.evaluate
-    call = split(model, x, cond) if split is not None else NetworkCall(model.logits, (x, cond))
-    return call.then(lambda out: _checked_logits(model, x, out))
-
-
-def _checked_logits(model: MaskedDenoiser, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if out.shape != (*x.shape, model.vocab_size):
-        raise RuntimeError(f"masked model returned logits of shape {tuple(out.shape)}, expected "
-                           f"{(*x.shape, model.vocab_size)}")
-    return out
+logits_call = evaluate_logits  # the network call of model.logits(x, cond), shape-checked
 
 
 def _race_uniforms(noise: SampleNoise, counts: list[int], vocab: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .calls import NetworkCall, StepMachine, drive, evaluate, step_machine
-from .errors import InvalidRequest
+from .calls import NetworkCall, StepMachine, drive, evaluate, evaluate_logits, step_machine
+from .errors import InvalidRequest, quote
 from .hooks import Hook
 
 MAX_STEPS = 1000
@@ -105,7 +105,7 @@ def get_spec(name: str) -> SamplerSpec:
     if not name:
         raise InvalidRequest("sampler: name is empty")
     if name not in REGISTRY:
-        raise InvalidRequest(f"sampler: unknown sampler {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        raise InvalidRequest(f"sampler: unknown sampler {quote(name)}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
 
@@ -122,7 +122,7 @@ def validate(name: str, steps: int, options: dict[str, Any] | None = None, kind:
     options = dict(options or {})
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise InvalidRequest(f"option {unknown[0]!r}: not an option of sampler {name!r}; "
+        raise InvalidRequest(f"option {quote(unknown[0])}: not an option of sampler {name!r}; "
                              f"its options are {sorted(spec.options) or 'none'}")
     full = {key: opt.default for key, opt in spec.options.items()}
     full.update({key: spec.options[key].check(key, value) for key, value in options.items()})
@@ -148,10 +148,8 @@ class CallCounter:
         return self.network_call(*args).run()
 
     def logits_call(self, tokens: torch.Tensor, cond=None) -> NetworkCall:
-        from .masked import logits_call
-
         self.calls += 1
-        return logits_call(self.model, tokens, cond)
+        return evaluate_logits(self.model, tokens, cond)
 
     def logits(self, tokens: torch.Tensor, cond=None) -> torch.Tensor:
         return self.logits_call(tokens, cond).run()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from samplers.calls import StepMachine, step_machine
-from samplers.errors import InvalidRequest
+from samplers.errors import InvalidRequest, quote
 from samplers.grids import GRIDS
 from samplers.noise import MAX_SEED
 from samplers.registry import REGISTRY
@@ -141,7 +141,7 @@ def validate_search(method: str, budget_nfe: int, options: dict[str, Any] | None
     if not method:
         raise InvalidRequest("search.method: name is empty")
     if method not in SEARCHES:
-        raise InvalidRequest(f"search.method: unknown search {method!r}; available: {', '.join(sorted(SEARCHES))}")
+        raise InvalidRequest(f"search.method: unknown search {quote(method)}; available: {', '.join(sorted(SEARCHES))}")
     spec = SEARCHES[method]
     if kind is not None and kind not in spec.kinds:
         raise InvalidRequest(f"search.method: {method!r} does not apply to {kind} models "

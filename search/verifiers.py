@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from samplers.errors import InvalidRequest
+from samplers.errors import InvalidRequest, quote
 
 from .options import SearchOption, check_options
 
@@ -138,7 +138,8 @@ def validate_verifier(name: str, options: dict | None = None, kind: str | None =
     if not name:
         raise InvalidRequest("search.verifier: name is empty")
     if name not in VERIFIERS:
-        raise InvalidRequest(f"search.verifier: unknown verifier {name!r}; available: {', '.join(sorted(VERIFIERS))}")
+        raise InvalidRequest(f"search.verifier: unknown verifier {quote(name)}; "
+                             f"available: {', '.join(sorted(VERIFIERS))}")
     spec = VERIFIERS[name]
     if kind is not None and kind not in spec.kinds:
         raise InvalidRequest(f"search.verifier: {name!r} does not apply to {kind} models")

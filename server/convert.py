@@ -10,8 +10,8 @@ import numpy as np
 from samplers import REGISTRY
 from samplers.errors import InvalidRequest
 
-from .generation import GenerateRequest, SearchRequest
 from .images import grid_png
+from .requests import GenerateRequest, SearchRequest
 
 
 def _number(x: float, where: str):

@@ -29,9 +29,9 @@ from samplers.errors import Cancelled, DeadlineExceeded
 from . import metrics
 from .config import ServerConfig
 from .errors import NotReady, QueueFull, status_of
-from .generation import GenerateRequest, GenerateResult
 from .layout import batch_key, concat, rows, split
 from .plan import Limits, Plan, make_plan
+from .requests import GenerateRequest, GenerateResult
 
 log = logging.getLogger("diffserve.engine")
 

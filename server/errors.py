@@ -13,6 +13,7 @@ from samplers.errors import (
     InvalidRequest,
     NonFiniteOutput,
     UnknownModel,
+    quote,  # noqa: F401  (re-exported: server code quotes input through server.errors)
 )
 
 
@@ -50,18 +51,6 @@ class IdempotencyConflict(DiffservError):
 
 class CannotStart(DiffservError):
     """The server cannot start: its port is taken, or its local Redis data directory has another owner."""
-
-
-QUOTE_CHARS = 100
-
-
-def quote(value, limit: int = QUOTE_CHARS) -> str:
-    """`value` for an error message: repr() of at most `limit` characters of it, with the full length
-    when cut, so a 1 MB model name comes back as ~120 bytes, never as the whole input."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 STATUS = [

@@ -1,70 +1,16 @@
-"""Requests and results in plain Python, and `generate`: one request run to completion in the calling thread."""
+"""`generate`: one request run to completion in the calling thread, through the same plan and step machine
+the engine runs (library use, the command line's in-process path)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from samplers.calls import drive
 
-import torch
+from .plan import Limits, make_plan
+from .requests import GenerateRequest, GenerateResult, SearchRequest
 
-from samplers.errors import InvalidRequest
-from samplers.noise import MAX_SEED
+__all__ = ["MAX_SAMPLES", "GenerateRequest", "GenerateResult", "SearchRequest", "generate"]
 
-MAX_SAMPLES = 4096
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    """Test-time search instead of one sampler run: method, NFE budget per sample, verifier."""
-
-    method: str
-    budget_nfe: int
-    verifier: str
-    options: dict[str, Any] = field(default_factory=dict)
-    verifier_options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """A request in plain Python; every field is validated before any compute."""
-
-    sampler: str
-    steps: int | None
-    n: int = 1
-    seed: int = 0
-    seeds: tuple[int, ...] | None = None
-    class_label: int | None = None
-    guidance: float | None = None
-    grid: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    prompt_tokens: tuple[int, ...] | None = None  # masked models: -1 marks positions to sample
-    prompt_text: str | None = None
-    search: SearchRequest | None = None
-    prompt: str | None = None  # text-to-image pipelines
-    negative_prompt: str | None = None
-    height: int | None = None
-    width: int | None = None
-    distilled_guidance: float | None = None  # FLUX-dev's guidance input
-
-    def sample_seeds(self) -> list[int]:
-        if self.seeds is not None:
-            if len(self.seeds) != self.n:
-                raise InvalidRequest(f"seeds: {len(self.seeds)} seeds given for {self.n} samples")
-            seeds = list(self.seeds)
-        else:
-            seeds = [self.seed + k for k in range(self.n)]
-        if any(not 0 <= s <= MAX_SEED for s in seeds):
-            raise InvalidRequest("seeds: every seed must lie in [0, 2^63 - 1]")
-        return seeds
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    samples: torch.Tensor  # images in model coordinates, or token ids (n, L) for masked models
-    nfe: int
-    seeds: list[int]
-    texts: list[str] | None = None
-    rewards: list[float] | None = None
+MAX_SAMPLES = 4096  # library use: more than a server's request, as many as a queued task could hold
 
 
 def generate(loaded, request: GenerateRequest, hook=None, model=None, resources=None, limits=None) -> GenerateResult:
@@ -72,9 +18,5 @@ def generate(loaded, request: GenerateRequest, hook=None, model=None, resources=
     the same plan (server/plan.py) and step machine the engine runs; `resources` are what verifiers need
     (loaded classifiers) when the request carries a search; `limits` default to the server's, but with up to
     MAX_SAMPLES samples for library use (the command line passes its config's server limits)."""
-    from samplers.calls import drive
-
-    from .plan import Limits, make_plan
-
     plan = make_plan(loaded, request, limits or Limits(max_samples=MAX_SAMPLES), resources=resources)
     return drive(plan.machine(loaded, model, hook, resources))

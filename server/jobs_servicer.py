@@ -69,8 +69,10 @@ def make_jobs_servicer(engine, store: JobStore | None, config, why_unavailable: 
             if request.priority not in priorities:
                 raise InvalidRequest(f"priority: unknown value {request.priority}")
             req = convert.to_request(pb, request.request, entry)
-            engine.plan(entry.name, req, output=output_format(pb, request.request.format), job=True)
-            spec = JobSpec(entry.name, req, request.request.format, config.queue_task_size)
+            engine.plan(entry.name, req, output=output_format(pb, request.request.format),
+                        png_scale=request.request.png_scale, job=True)
+            spec = JobSpec(entry.name, req, request.request.format, config.queue_task_size,
+                           max(1, request.request.png_scale))
             jid, created = jobs.submit(spec, config.queue_result_ttl, priorities[request.priority], key or None)
             if created:
                 qm.JOBS_SUBMITTED.labels(entry.name).inc()

@@ -29,8 +29,8 @@ from search.registry import DEFAULT_STEPS, MAX_SEARCHES, validate_search
 from search.verifiers import validate_verifier
 
 from .errors import quote
-from .generation import GenerateRequest, GenerateResult
 from .limits import check_response_size
+from .requests import GenerateRequest, GenerateResult
 
 OUTPUTS = ("png", "tensor", "text")
 PROMPT_CHARS_PER_TOKEN = 16  # a prompt_text longer than this many characters per position is refused untokenized

@@ -35,7 +35,7 @@ def output_format(pb, fmt: int) -> str | None:
 
 
 def make_servicer(pb, pb_grpc, engine: Engine):
-    def progress_event(info, every: int):
+    def progress_event(info, every: int, scale: int = 1):
         """A Progress event for a StepInfo (sampler step) or a SearchProgress (NFE of the budget)."""
         if isinstance(info, StepInfo):
             progress = pb.Progress(step=info.step + 1, steps=info.steps, nfe=info.nfe)
@@ -46,7 +46,7 @@ def make_servicer(pb, pb_grpc, engine: Engine):
                 progress.best_reward = float(info.best_rewards[info.best_rewards.isfinite()].max())
             preview = info.best_x0 if every else None
         if preview is not None and preview.ndim == 4:
-            progress.preview_png = grid_png(preview.detach().float())
+            progress.preview_png = grid_png(preview.detach().float(), scale=max(1, scale))
         return pb.GenerateEvent(progress=progress)
 
     class DiffserveServicer(pb_grpc.DiffserveServicer):
@@ -72,7 +72,7 @@ def make_servicer(pb, pb_grpc, engine: Engine):
                                    png_scale=request.png_scale)
             try:
                 while (info := events.get()) is not None:
-                    yield progress_event(info, every)
+                    yield progress_event(info, every, request.png_scale)
                 result = ticket.wait()
             finally:
                 ticket.abandon()  # a stream closed early still settles its request (cancelled within a step)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from ..convert import sample_protos
-from ..generation import GenerateRequest, SearchRequest
+from ..requests import GenerateRequest, SearchRequest
 
 
 @dataclass(frozen=True)
