@@ -57,13 +57,11 @@ def _prompt_fields(args, entry) -> dict:
 def cmd_generate_remote(args) -> int:
     import numpy as np
 
-    from .client import connect, generate_request, tensor_to_array
+    from .client import connect, generate_request, tensor_to_array, text_to_image
 
     pb, stub, metadata = connect(args.server, args.token, args.ca)
-    text_to_image = bool(args.prompt) and stub.GetModel(pb.GetModelRequest(name=args.model),
-                                                        metadata=metadata).takes_prompt
     request = generate_request(pb, args, pb.TENSOR if args.format == "npy" else pb.OUTPUT_FORMAT_UNSPECIFIED,
-                               text_to_image)
+                               text_to_image(args))
     result = None
     from tqdm import tqdm
 

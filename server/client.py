@@ -41,6 +41,14 @@ def connect_jobs(address: str, token: str | None = None, ca: str | None = None):
     return protogen.module("jobs_pb2"), jobs_grpc.JobsStub(_channel(address, ca)), _metadata(token)
 
 
+def text_to_image(args) -> bool:
+    """Whether `--prompt` is a text-to-image prompt here: the model (asked from the server) takes one."""
+    if not args.prompt:
+        return False
+    pb, stub, metadata = connect(args.server, args.token, args.ca)
+    return stub.GetModel(pb.GetModelRequest(name=args.model), metadata=metadata).takes_prompt
+
+
 def tensor_to_array(t) -> np.ndarray:
     """A Tensor proto as an array (the data is little-endian, C order; see diffserve.proto)."""
     return np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(tuple(t.shape))

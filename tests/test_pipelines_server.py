@@ -115,3 +115,4 @@ def test_the_command_line_generates_the_same_images_in_process_and_over_the_serv
     assert local.shape == (2, 3, H, W) and local.dtype == np.float32
     assert float(np.abs(local - direct.images.numpy()).max()) < 1e-5
     assert float(np.abs(remote - local).max()) < 1e-5
+
