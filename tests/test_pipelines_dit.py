@@ -51,3 +51,16 @@ def test_describe_says_what_the_model_takes(both):
     assert (info["family"], info["takes_prompt"], info["num_classes"], info["null_class"]) == ("dit", False, 1000,
                                                                                                1000)
     assert info["sizes"] == [(16, 16)] and info["default_guidance"] == 4.0
+
+
+@pytest.mark.parametrize("field,value,match", [("steps", 0, "steps"), ("steps", 2.5, "steps"),
+                                               ("sampler", "nope", "sampler"), ("sampler", "meanflow", "sampler"),
+                                               ("options", {"eta": 7.0}, "option")])
+def test_bad_requests_are_refused_before_any_network_call(both, field, value, match):
+    from samplers.errors import InvalidRequest
+
+    _, ours = both
+    request = dict(seeds=[0], class_labels=[1], steps=2, sampler="ddim", guidance=2.0)
+    request[field] = value
+    with pytest.raises(InvalidRequest, match=match):
+        generate(ours, PipelineRequest(**request))

@@ -142,7 +142,8 @@ def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: H
     height = request.height or pipeline.default_size[0]
     width = request.width or pipeline.default_size[1]
     pipeline.check_size(height, width)
-    steps = request.steps or pipeline.default_steps
+    steps = pipeline.default_steps if request.steps is None else request.steps
+    registry.validate(request.sampler, steps, request.options, pipeline.denoiser.kind)  # before any grid math
     n = len(request.seeds)
     if n < 1:
         raise InvalidRequest("seeds: need at least one sample")
