@@ -648,8 +648,11 @@ def test_dockerfile_installs_what_ci_installs():
     assert re.search(r"^make test$", ci, re.M), ".ci/run runs `make test`"
     test_prereqs, _ = _make_recipe("test")
     assert "setup" in test_prereqs
-    _, setup = _make_recipe("setup")
-    assert setup == ["$(BIN)/pip install -q -r requirements.txt"], setup
+    setup_prereqs, _ = _make_recipe("setup")
+    assert setup_prereqs == ["$(STAMP)"], setup_prereqs  # setup = the install, redone when requirements change
+    stamp_prereqs, install = _make_recipe("$(STAMP)")
+    assert {"requirements.txt", "pyproject.toml"} <= set(stamp_prereqs), stamp_prereqs
+    assert install == ["$(BIN)/pip install -q -r requirements.txt", "touch $(STAMP)"], install
     builder = _dockerfile_stages()[0]
     installs = [a for i, a in builder if i == "RUN" and re.search(r"pip install|make setup", a)]
     setup_calls = [m for a in installs for m in [re.search(r"make setup((?: \w+=\S+)*)", a)] if m]
