@@ -23,7 +23,8 @@ from samplers.processes import DiscreteVP, Process, RectifiedFlow
 from ..diffusers_loader import FLOW_SCHEDULERS, PREDICTION_TYPES, VP_SCHEDULERS, UnsupportedConfig
 from ..diffusers_loader import map_scheduler_config as _vp_process
 
-SAMPLER_RULES = {"euler": "euler", "ddim": "ddim", "dpmpp_2m": "dpm", "dpmpp_3m": "dpm", "unipc": "dpm"}
+SAMPLER_RULES = {"euler": "euler", "ddim": "ddim", "dpmpp_2m": "dpm", "dpmpp_3m": "dpm", "dpmpp_3m_exact": "dpm",
+                 "unipc": "dpm"}
 CLASS_RULES = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler",
                "DDIMScheduler": "ddim", "DDPMScheduler": "ddim", "PNDMScheduler": "ddim",
                "DPMSolverMultistepScheduler": "dpm", "UniPCMultistepScheduler": "dpm"}
