@@ -29,7 +29,7 @@ class Budget:
     save_every: int = 500
 
 
-FULL = Budget(vae_steps=800, vae_batch=32, unet_steps=3500, unet_batch=128)
+FULL = Budget(vae_steps=600, vae_batch=32, unet_steps=2500, unet_batch=64)
 QUICK = Budget(vae_steps=3, vae_batch=16, unet_steps=3, unet_batch=16, log_every=1)
 
 
