@@ -10,7 +10,7 @@ import torch
 
 from samplers.meanflow import AverageVelocity
 
-from .config import ModelEntry
+from .config import ConfigError, ModelEntry
 from .diffusers_loader import load_unet_denoiser
 from .safety import require_safetensors
 
@@ -87,6 +87,10 @@ def _load_pipeline(entry: ModelEntry, device: str) -> LoadedModel:
 def load_model(entry: ModelEntry, device: str = "cpu") -> LoadedModel:
     from .backends import apply_backend
 
-    if entry.family is not None:
-        return _load_pipeline(entry, device)  # torch only: exported backends serve single networks
+    if entry.family is not None:  # torch only: exported backends serve single networks, not pipelines
+        backend = entry.extra.get("backend", "torch")
+        if backend != "torch":
+            raise ConfigError(f"model {entry.name!r}: backend {backend!r} is not available for latent pipelines "
+                              f"({entry.family}); they run on torch")
+        return _load_pipeline(entry, device)
     return apply_backend(LOADERS[entry.kind](entry, device), device)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import text_data, text_eval
 from models.masked_lm import CheckpointError, load_masked_lm
 from samplers.masked import MaskedDenoiser, all_masked, run_masked_sampler
 from samplers.noise import SampleNoise
+from training import text_data, text_eval
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "text-mdm"
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran"]

@@ -62,3 +62,9 @@ def test_dtype_and_device_reach_the_loader(root):
     result = generate(pipeline, PipelineRequest(seeds=[0], prompts=["a cat"], height=32, width=24, steps=2,
                                                 guidance=3.0))
     assert result.images.dtype == torch.float32 and torch.isfinite(result.images).all()
+
+
+def test_an_exported_backend_is_refused_for_a_pipeline(root):
+    entry = load_config(_config(root, 'backend = "onnxruntime"\n'))["tiny-sd"]
+    with pytest.raises(ConfigError, match="backend 'onnxruntime' is not available for latent pipelines"):
+        load_model(entry)
