@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from training import text_data, text_eval
 from models.masked_lm import load_masked_lm
 from samplers.masked import all_masked, run_masked_sampler
 from samplers.noise import SampleNoise
+from training import text_data, text_eval
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "text-mdm"
 RESULTS = Path(__file__).resolve().parent / "results"

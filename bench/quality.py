@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from models.config import load_config
-from training.digits_fd import balanced_labels, balanced_real_subset, class_accuracy, digits_fd, real_floor
 from models.loading import load_model
 from samplers import REGISTRY, SampleNoise, initial_noise, make_grid, run_sampler, with_guidance
 from samplers.meanflow import meanflow_times
+from training.digits_fd import balanced_labels, balanced_real_subset, class_accuracy, digits_fd, real_floor
 
 NFES = (1, 2, 4, 6, 10, 20)
 SEED = 1000
