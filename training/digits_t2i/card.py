@@ -145,8 +145,7 @@ COMPONENTS = [
 
 
 def write_card(out: Path, info: dict, m: dict) -> None:
-    from training.digits_t2i.evaluate import NOISE_SEED
-
+    """The model card (README.md) from the training info and the metrics; `m["noise_seed"]` is the first seed."""
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e6
     vocab = len(json.loads((out / "tokenizer" / "vocab.json").read_text()))
     from training.digits_t2i.data import vocabulary_words
@@ -164,7 +163,7 @@ def write_card(out: Path, info: dict, m: dict) -> None:
     components = "\n".join(f"| {a} | {b.format(**comp)} | {c.format(**comp)} |" for a, b, c in COMPONENTS)
     text = CARD.format(
         components=components,
-        seed0=NOISE_SEED,
+        seed0=m.get("noise_seed", 1234),
         size_mb=size,
         split_seed=info["split_seed"],
         cpi=info["train_attribute_counts"]["captions_per_image"],

@@ -210,11 +210,9 @@ def run(out: Path, quick: bool, log: Logger) -> dict:
     m["negative"] = timed("negative prompt", lambda: negative(pipe, sc))
     m["phrasings"] = timed("phrasings", lambda: phrasings(pipe, sc))
     m = _rounded(m)
+    m["noise_seed"] = NOISE_SEED
     (out / "metrics.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
     sample_grid(pipe, out / "samples.png")
-    from training.digits_t2i.card import write_card
-
-    write_card(out, info, m)
     return m
 
 

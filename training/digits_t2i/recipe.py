@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> Path:
         log(f"saved the pipeline to {out}")
     if not args.no_eval:
         from training.digits_t2i import evaluate  # imported late: evaluation only needs the saved directory
+        from training.digits_t2i.card import write_card
 
-        evaluate.run(out, quick=args.quick, log=log)
+        metrics = evaluate.run(out, quick=args.quick, log=log)
+        if not args.quick:  # the quick run only checks that the directory generates
+            write_card(out, json.loads((out / "train_info.json").read_text()), metrics)
     log(f"done -> {out}")
     return out
