@@ -1,18 +1,10 @@
-"""Imports from the digits recipes' shared modules, wherever they live (training/ or the older models/)."""
+"""The digits recipes' shared pieces the text-to-image recipe uses (data split, digits-FD, training helpers)."""
 
 from __future__ import annotations
 
-try:
-    from training.digits_data import SPLIT_SEED, heldout_split, train_split
-    from training.digits_fd import balanced_real_subset, class_accuracy, frechet_distance, get_classifier_b
-except ImportError:  # the pre-move layout
-    from models.digits_data import SPLIT_SEED, heldout_split, train_split
-    from models.digits_fd import balanced_real_subset, class_accuracy, frechet_distance, get_classifier_b
-
-try:
-    from training.common import EMA, BatchSampler, Logger, env_summary, n_params, warmup_cosine
-except ImportError:
-    from models.recipes._common import EMA, BatchSampler, Logger, env_summary, n_params, warmup_cosine
+from training.common import EMA, BatchSampler, Logger, env_summary, n_params, warmup_cosine
+from training.digits_data import SPLIT_SEED, heldout_split, train_split
+from training.digits_fd import balanced_real_subset, class_accuracy, frechet_distance, get_classifier_b
 
 __all__ = [
     "EMA",
