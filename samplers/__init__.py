@@ -1,6 +1,17 @@
 """The sampling math: processes, the denoiser contract, adapters, grids, per-sample noise, samplers."""
 
-from . import evodiff, masked, meanflow, momentum, ode, sde, unipc  # noqa: F401  (each module registers its samplers)
+from . import (  # noqa: F401  (each module registers its samplers)
+    bd3lm,
+    block_diffusion,
+    evodiff,
+    llada,
+    masked,
+    meanflow,
+    momentum,
+    ode,
+    sde,
+    unipc,
+)
 from .denoiser import NULL_LABEL, ClassifierFreeGuidance, Denoiser, with_guidance
 from .errors import InvalidRequest
 from .grids import make_grid

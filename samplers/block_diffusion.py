@@ -58,7 +58,7 @@ TEMPERATURE = {"temperature": Option(float, 0.0, minimum=0.0, maximum=10.0, help
 
 
 def _generator(noise: SampleNoise, k: int) -> torch.Generator:
-    return noise._generators[k]  # per-sample torch.Generator: randint / multinomial need the generator itself
+    return noise.generator(k)  # per-sample torch.Generator: randint / multinomial need the generator itself
 
 
 def propose(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,10 @@ class SampleNoise:
     def __len__(self) -> int:
         return len(self.seeds)
 
+    def generator(self, k: int) -> torch.Generator:
+        """Sample k's own generator, for draws the methods below do not cover (randint, multinomial)."""
+        return self._generators[k]
+
     def randn(self, shape: Sequence[int]) -> torch.Tensor:
         return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float64)
                             for g in self._generators]).to(self.dtype)
