@@ -147,7 +147,12 @@ class StepLoop:
                 request.machine.close()
                 self._finish(request, error=reason)
                 continue
-            key, n = batch_key(request.call), rows(request.call)
+            try:
+                key, n = batch_key(request.call), rows(request.call)
+            except Exception as err:  # a malformed call ends its own request, not the loop
+                request.machine.close()
+                self._finish(request, error=err)
+                continue
             if key in groups and sizes[key] + n > self.max_batch:
                 continue
             groups.setdefault(key, []).append(request)

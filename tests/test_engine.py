@@ -208,3 +208,29 @@ def pb_grpc_stub(channel):
     from tests.server_fixtures import pb_grpc
 
     return pb_grpc.DiffserveStub(channel)
+
+
+def test_a_malformed_network_call_fails_only_its_own_request():
+    """A machine that yields a call the loop cannot batch (no per-sample tensor) ends alone."""
+    from samplers.calls import NetworkCall
+    from server.engine import Request, StepLoop
+    from server.plan import Plan
+
+    def broken():
+        yield NetworkCall(lambda: None, ())
+
+    def fine():
+        out = yield NetworkCall(lambda x: x * 2, (torch.ones(2, 3),))
+        return out
+
+    loop = StepLoop("test", max_batch=8)
+    try:
+        plan = Plan("test", "diffusion", GenerateRequest("euler", 1), (0,))
+        bad, good = Request(plan, broken(), None, None), Request(plan, fine(), None, None)
+        for r in (bad, good):
+            loop.submit(r)
+        assert bad.done.wait(5) and good.done.wait(5)
+        assert isinstance(bad.error, ValueError) and good.error is None
+        assert torch.equal(good.result, torch.full((2, 3), 2.0))
+    finally:
+        loop.stop()
