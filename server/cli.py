@@ -45,23 +45,22 @@ def _write_texts(texts, out: Path | None) -> str:
     return str(out)
 
 
-def _prompt_fields(args, entry) -> dict:
-    """`--prompt` is the prompt of a latent text-to-image pipeline, else a masked model's text template."""
-    if entry.family is None:
-        return {"prompt_text": args.prompt, "negative_prompt": args.negative_prompt, "height": args.height,
-                "width": args.width, "distilled_guidance": args.distilled_guidance}
-    return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "height": args.height,
-            "width": args.width, "distilled_guidance": args.distilled_guidance}
+def _prompt_fields(args, loaded) -> dict:
+    """`--prompt` is the prompt of a text-to-image pipeline or a chat LM, else a masked model's text template."""
+    takes_prompt = loaded.entry.family is not None or hasattr(loaded.model, "chat_ids")
+    return {"prompt" if takes_prompt else "prompt_text": args.prompt, "negative_prompt": args.negative_prompt,
+            "height": args.height, "width": args.width, "distilled_guidance": args.distilled_guidance,
+            "max_new_tokens": args.max_new_tokens}
 
 
 def cmd_generate_remote(args) -> int:
     import numpy as np
 
-    from .client import connect, generate_request, tensor_to_array, text_to_image
+    from .client import connect, generate_request, takes_prompt, tensor_to_array
 
     pb, stub, metadata = connect(args.server, args.token, args.ca)
     request = generate_request(pb, args, pb.TENSOR if args.format == "npy" else pb.OUTPUT_FORMAT_UNSPECIFIED,
-                               text_to_image(args))
+                               takes_prompt(args))
     result = None
     from tqdm import tqdm
 
@@ -120,7 +119,7 @@ def cmd_generate(args) -> int:
                               guidance=args.guidance if args.guidance is not None else
                               (entry.guidance if args.class_label is not None or text_to_image else None),
                               grid=args.grid, options=dict(args.option), search=_search_request(args),
-                              **_prompt_fields(args, entry))
+                              **_prompt_fields(args, loaded))
     with tqdm(total=request.steps, desc=f"{entry.name} {request.sampler}", unit="step", leave=False,
               disable=args.quiet) as bar:
         def progress(info):

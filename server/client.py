@@ -41,8 +41,8 @@ def connect_jobs(address: str, token: str | None = None, ca: str | None = None):
     return protogen.module("jobs_pb2"), jobs_grpc.JobsStub(_channel(address, ca)), _metadata(token)
 
 
-def text_to_image(args) -> bool:
-    """Whether `--prompt` is a text-to-image prompt here: the model (asked from the server) takes one."""
+def takes_prompt(args) -> bool:
+    """Whether `--prompt` is the request's `prompt` (a text-to-image or chat model, as the server says)."""
     if not args.prompt:
         return False
     pb, stub, metadata = connect(args.server, args.token, args.ca)
@@ -103,21 +103,23 @@ def option_value(pb, value):
     raise ValueError(f"option value {str(value)[:100]!r}: expected a number, a string, true/false or a list")
 
 
-def generate_request(pb, args, fmt: int, text_to_image: bool = False):
+def generate_request(pb, args, fmt: int, takes_prompt: bool = False):
     """The GenerateRequest of `generate --server` and `submit` arguments (the same flags, one builder).
-    `--prompt` is a text-to-image prompt for latent pipelines (`text_to_image`), else a masked model's
-    text template."""
+    `--prompt` is the prompt of a model that `takes_prompt` (text-to-image pipelines, chat LMs), else a
+    masked model's text template."""
     request = pb.GenerateRequest(model=args.model, sampler=args.sampler or "", steps=args.steps or 0,
                                  num_samples=args.n, base_seed=args.seed, grid=args.grid or "",
                                  format=fmt, png_scale=args.scale or 0,
                                  negative_prompt=args.negative_prompt or "", height=args.height or 0,
                                  width=args.width or 0)
-    if text_to_image:
+    if takes_prompt:
         request.prompt = args.prompt or ""
     else:
         request.prompt_text = args.prompt or ""
     if args.distilled_guidance is not None:
         request.distilled_guidance = args.distilled_guidance
+    if args.max_new_tokens:
+        request.max_new_tokens = args.max_new_tokens
     for key, value in args.option:
         request.typed_options[key].CopyFrom(option_value(pb, value))
     if args.class_label is not None:
@@ -159,14 +161,17 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
                                        "model's")
     parser.add_argument("--option", action="append", default=[], type=option, metavar="KEY=VALUE",
                         help="sampler option, VALUE as JSON (e.g. eta=0.5); repeatable")
-    parser.add_argument("--prompt", help="text-to-image models: the prompt; masked (text) models: a text template "
-                                         "in which the mask token marks positions to fill")
+    parser.add_argument("--prompt", help="text-to-image models: the prompt; chat LMs (LLaDA): the user message; "
+                                         "other masked (text) models: a text template in which the mask token "
+                                         "marks positions to fill")
     parser.add_argument("--negative-prompt", help="text-to-image models: what to steer away from (the "
                                                   "unconditional half of guidance)")
     parser.add_argument("--height", type=positive_int, help="text-to-image models: image height in pixels "
                                                             "(default: the model's)")
     parser.add_argument("--width", type=positive_int, help="text-to-image models: image width in pixels "
                                                            "(default: the model's)")
+    parser.add_argument("--max-new-tokens", type=positive_int,
+                        help="chat LMs (LLaDA): tokens to generate after the prompt (default 128)")
     parser.add_argument("--distilled-guidance", type=float,
                         help="FLUX-dev: the distilled guidance value (its own input, not --guidance)")
     parser.add_argument("--search", help="test-time search method instead of one sampler run (e.g. best_of_n, "

@@ -91,7 +91,7 @@ def to_request(pb, request, entry) -> GenerateRequest:
                            negative_prompt=request.negative_prompt or None, height=request.height or None,
                            width=request.width or None,
                            distilled_guidance=request.distilled_guidance if request.HasField("distilled_guidance")
-                           else None)
+                           else None, max_new_tokens=request.max_new_tokens or None)
 
 
 def tensor(pb, array: np.ndarray):
@@ -155,6 +155,7 @@ def model_info(pb, entry, served):
         info.layout, info.mask_token_id = "L", int(model.mask_id)
         info.mask_token = getattr(tokenizer, "mask_token", None) or ""
         info.tokenizer = _tokenizer_name(tokenizer)
+        info.takes_prompt = hasattr(model, "chat_ids")  # a chat LM (LLaDA): `prompt` + max_new_tokens
     else:
         info.layout, info.value_min, info.value_max = "CHW", -1.0, 1.0
     return info

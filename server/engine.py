@@ -74,6 +74,8 @@ def warm_up_request(loaded) -> GenerateRequest:
     entry, model = loaded.entry, loaded.model
     if entry.kind == "masked":
         steps = None if REGISTRY[entry.default_sampler].one_step_per_mask else 1
+        if hasattr(model, "chat_ids"):  # a chat LM: a short answer, one block of LLaDA's default 32 tokens
+            return GenerateRequest(entry.default_sampler, steps, n=1, prompt="warm-up", max_new_tokens=32)
         return GenerateRequest(entry.default_sampler, steps, n=1)
     if entry.family is not None:  # a latent pipeline: a prompt or a class label
         return GenerateRequest(entry.default_sampler, 1, n=1, prompt="warm-up" if model.takes_prompt else None,

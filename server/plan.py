@@ -98,9 +98,12 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
         _check_output(output, kind)
     if loaded.entry.family is not None:
         return _plan_pipeline(loaded, request, limits, seeds, output, png_scale)
-    if request.prompt or request.negative_prompt or request.height or request.width:
+    chat = kind == "masked" and hasattr(model, "chat_ids")
+    if (request.prompt and not chat) or request.negative_prompt or request.height or request.width:
         field = "prompt" if request.prompt or request.negative_prompt else "height, width"
         raise InvalidRequest(f"{field}: model {loaded.name!r} is not a text-to-image pipeline")
+    if request.max_new_tokens is not None and not (chat and request.prompt):
+        raise InvalidRequest(f"max_new_tokens: model {loaded.name!r} takes it with a chat `prompt` only")
     if limits.max_response_bytes is not None:  # refuse what the client could not receive, before compute
         shape = (model.length,) if kind == "masked" else tuple(model.shape)
         check_response_size(kind, shape, n, output or ("text" if kind == "masked" else "png"), png_scale,
@@ -216,7 +219,13 @@ def _plan_search(loaded, request: GenerateRequest, limits: Limits, seeds, resour
 
 
 def _check_prompt(model, request: GenerateRequest) -> None:
-    """Masked models: one of prompt_text / prompt_tokens, bounded by size before any tokenizing."""
+    """Masked models: one of prompt_text / prompt_tokens (or a chat `prompt`), bounded by size before any
+    tokenizing."""
+    if request.prompt:
+        if request.prompt_text or request.prompt_tokens is not None:
+            raise InvalidRequest("prompt: give a chat prompt or a token template (prompt_text / prompt_tokens)")
+        chat_template(model, request)
+        return
     if request.prompt_tokens is not None and request.prompt_text:
         raise InvalidRequest("prompt: give prompt_tokens or prompt_text, not both")
     if request.prompt_text and len(request.prompt_text) > PROMPT_CHARS_PER_TOKEN * model.length:
@@ -245,6 +254,22 @@ def labels_of(model, request: GenerateRequest) -> torch.Tensor | None:
     if isinstance(request.class_label, bool) or not 0 <= request.class_label < num_classes:
         raise InvalidRequest(f"class_label: {request.class_label!r} is outside [0, {num_classes - 1}]")
     return torch.full((request.n,), request.class_label, dtype=torch.long)
+
+
+DEFAULT_NEW_TOKENS = 128
+
+
+def chat_template(model, request: GenerateRequest) -> tuple[torch.Tensor, int]:
+    """A chat LM's (L,) tokens: the chat-templated prompt then max_new_tokens masks; and the prompt's length."""
+    if len(request.prompt) > PROMPT_CHARS_PER_TOKEN * model.length:
+        raise InvalidRequest(f"prompt: {len(request.prompt)} characters is too long for the model's {model.length} "
+                             f"positions")
+    ids = model.chat_ids([{"role": "user", "content": request.prompt}])
+    new = request.max_new_tokens or DEFAULT_NEW_TOKENS
+    if len(ids) + new > model.length:
+        raise InvalidRequest(f"max_new_tokens: {len(ids)} prompt tokens + {new} new tokens exceed the model's "
+                             f"length {model.length}")
+    return torch.tensor(list(ids) + [model.mask_id] * new, dtype=torch.long), len(ids)
 
 
 def masked_template(model, request: GenerateRequest) -> torch.Tensor:
@@ -288,12 +313,16 @@ def _continuous(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
 
 def _masked(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
     request = plan.request
-    tokens = masked_template(model, request).expand(plan.n, -1).clone()
+    if request.prompt:  # a chat LM: the answer follows the templated prompt; its text stops at end-of-text
+        template, start = chat_template(model, request)
+    else:
+        template, start = masked_template(model, request), 0
+    tokens = template.expand(plan.n, -1).clone()
     out, nfe = yield from masked_sampler_machine(request.sampler, model, tokens, steps=request.steps,
                                                  noise=SampleNoise(list(plan.seeds)), hook=hook,
                                                  options=request.options)
     nfe = int(torch.as_tensor(nfe).max()) if torch.is_tensor(nfe) else int(nfe)
-    return GenerateResult(out, nfe, list(plan.seeds), [model.decode(row) for row in out])
+    return GenerateResult(out, nfe, list(plan.seeds), [model.decode(row[start:]) for row in out])
 
 
 def _search(plan: Plan, loaded, model, hook, resources) -> StepMachine[GenerateResult]:

@@ -43,6 +43,7 @@ class GenerateRequest:
     height: int | None = None
     width: int | None = None
     distilled_guidance: float | None = None  # FLUX-dev's guidance input
+    max_new_tokens: int | None = None  # chat LMs (LLaDA): tokens generated after the prompt
 
     def sample_seeds(self) -> list[int]:
         if self.seeds is not None:

@@ -55,12 +55,12 @@ def _stub(args):
 
 def cmd_submit(args) -> int:
     from .. import protogen
-    from ..client import generate_request, text_to_image
+    from ..client import generate_request, takes_prompt
 
     pb = protogen.module("diffserve_pb2")
     jpb, stub, metadata = _stub(args)
     formats = {"png": pb.PNG, "npy": pb.TENSOR, "text": pb.TEXT}
-    request = generate_request(pb, args, formats[args.format], text_to_image(args))
+    request = generate_request(pb, args, formats[args.format], takes_prompt(args))
     priority = jpb.JobPriority.Value(f"JOB_PRIORITY_{args.priority.upper()}")
     job = stub.SubmitJob(jpb.SubmitJobRequest(request=request, idempotency_key=args.idempotency_key or "",
                                               priority=priority), metadata=metadata)
