@@ -94,6 +94,8 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
         raise InvalidRequest(f"num_samples: {n!r} is outside [1, {limits.max_samples}]")
     seeds = tuple(request.sample_seeds())
     model, kind = loaded.model, loaded.kind
+    if kind not in ("diffusion", "flow", "meanflow", "masked"):
+        raise InvalidRequest(f"model: {loaded.name!r} is a {kind} model, which loads but is not served yet")
     if output is not None:
         _check_output(output, kind)
     if loaded.entry.family is not None:
