@@ -126,7 +126,8 @@ def test_ctrl_c_in_job_watch_exits_quietly(tmp_path):
             job = stub.SubmitJob(jpb.SubmitJobRequest(request=pb.GenerateRequest(model="gmm", num_samples=4)))
             proc = subprocess.Popen([sys.executable, "-m", "server.cli", "job", job.id, "--watch", "--server",
                                      address], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    preexec_fn=_default_sigint)
+                                    stdin=subprocess.DEVNULL, preexec_fn=_default_sigint,
+                                    start_new_session=True)  # no terminal job control, however CI runs us
             try:
                 first = ""
                 end = time.monotonic() + 120
