@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,25 +91,37 @@ def cmd_job(args) -> int:
     job = stub.GetJob(jpb.GetJobRequest(id=args.id), metadata=metadata)
     if args.watch and job.state in (jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING):
         backoff = Backoff(cap=10.0)
-        with tqdm(total=job.num_samples, desc=job.id[:8], unit="sample", disable=args.quiet) as bar:
-            while job.state in (jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING):
-                call = stub.WatchJob(jpb.GetJobRequest(id=args.id), metadata=metadata)
-                try:
-                    for job in call:
-                        bar.set_postfix_str(_state(jpb, job))
-                        bar.update(round(job.progress * job.num_samples) - bar.n)
-                        backoff.reset()
-                except KeyboardInterrupt:  # Ctrl-C: end the call, so no gRPC thread holds the exit up
-                    call.cancel()
-                    raise
-                except grpc.RpcError as err:
-                    if err.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise
-                    delay = backoff.next_delay()
-                    bar.write(f"queue unavailable ({err.details()}); retrying in {delay:.1f} s")
-                    time.sleep(delay)
+        call = None
+        # Ctrl-C ends the process at once: a KeyboardInterrupt raised inside gRPC's streaming iterator can leave
+        # its lock held, and the call's destructor then waits on it forever.
+        previous = signal.signal(signal.SIGINT, _exit_on_interrupt)
+        try:
+            with tqdm(total=job.num_samples, desc=job.id[:8], unit="sample", disable=args.quiet) as bar:
+                while job.state in (jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING):
+                    call = stub.WatchJob(jpb.GetJobRequest(id=args.id), metadata=metadata)
+                    try:
+                        for job in call:
+                            bar.set_postfix_str(_state(jpb, job))
+                            bar.update(round(job.progress * job.num_samples) - bar.n)
+                            backoff.reset()
+                    except grpc.RpcError as err:
+                        if err.code() != grpc.StatusCode.UNAVAILABLE:
+                            raise
+                        delay = backoff.next_delay()
+                        bar.write(f"queue unavailable ({err.details()}); retrying in {delay:.1f} s")
+                        time.sleep(delay)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     print(_describe(jpb, job))
     return 0 if job.state in (jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_QUEUED, jpb.JOB_STATE_RUNNING) else 1
+
+
+def _exit_on_interrupt(signum, frame) -> None:
+    """SIGINT while watching a job: a newline after the progress bar, then exit 130 (the job keeps running)."""
+    sys.stderr.write("\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def cmd_jobs(args) -> int:
