@@ -25,6 +25,7 @@ from models.config import lookup
 from samplers import REGISTRY
 from samplers.calls import NetworkCall
 from samplers.errors import Cancelled, DeadlineExceeded
+from search import SEARCHES
 
 from . import metrics
 from .config import ServerConfig
@@ -224,9 +225,6 @@ class Ticket:
         """The sampler or search method, for metrics: only registered names (labels stay bounded)."""
         if self.plan is not None:
             return self.plan.label
-        from samplers import REGISTRY
-        from search import SEARCHES
-
         search = self.asked.search
         name = search.method if search is not None else self.asked.sampler
         return name if name in (SEARCHES if search is not None else REGISTRY) else "other"
