@@ -6,7 +6,8 @@ time, by the adapter for its parameterization (eps, v, x0 or flow velocity), the
 ``model_wrapper`` and EDM's preconditioners normalize models before any solver sees them.
 
 ``cond`` is a LongTensor of class labels, one per sample, with ``NULL_LABEL`` (-1) meaning
-unconditional, or None for an unconditional call.
+unconditional, or None for an unconditional call; latent pipelines (models/pipelines) pass a dict of
+per-sample tensors instead, whose ``neg.*`` entries are the unconditional (negative-prompt) half.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .errors import InvalidRequest
 from .processes import Process, RectifiedFlow
 
 NULL_LABEL = -1
+NEG = "neg."  # prefix of the unconditional (negative-prompt) entries of a dict cond
 
 # net(x_t, t, labels) -> raw prediction, all in the model's own coordinates; t has one entry per sample.
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -115,11 +117,13 @@ class ClassifierFreeGuidance:
         """Both halves in one network call: rows [x | x] under [cond | null], then the guided combination."""
         if cond is None:
             raise InvalidRequest("guidance needs a class label per sample")
-        both = paired_call(self.model, x, sigma, cond, torch.full_like(cond, NULL_LABEL))
+        both = paired_call(self.model, x, sigma, *guidance_halves(cond))
         return both.then(lambda pair: self.combine(x, cond, *pair))
 
     def combine(self, x, cond, d_cond, d_uncond):
         guided = d_uncond + self.scale * (d_cond - d_uncond)
+        if isinstance(cond, dict):  # prompts: every row is guided
+            return guided
         keep = _bcast((cond == NULL_LABEL).to(torch.float64), x).bool()
         return torch.where(keep, d_uncond, guided)
 
@@ -127,11 +131,30 @@ class ClassifierFreeGuidance:
         return self.network_call(x, sigma, cond).run()
 
 
+def guidance_halves(cond):
+    """(conditional, unconditional) conds of classifier-free guidance: labels and NULL_LABEL, or a dict's
+    own entries and its ``neg.*`` entries (renamed without the prefix)."""
+    if isinstance(cond, dict):
+        pos = {k: v for k, v in cond.items() if not k.startswith(NEG)}
+        neg = {k[len(NEG):]: v for k, v in cond.items() if k.startswith(NEG)}
+        if set(neg) != set(pos):
+            raise InvalidRequest("guidance needs negative-prompt conditioning for every conditioning entry")
+        return pos, neg
+    return cond, torch.full_like(cond, NULL_LABEL)
+
+
+def cat_cond(a, b):
+    """Two conds on the batch axis (tensors, or dicts of tensors with the same keys)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
 def paired_call(model, x, sigma, cond_a, cond_b) -> NetworkCall:
     """(D(x | cond_a), D(x | cond_b)) as one network call over rows [x | x]: the two halves of
     classifier-free guidance, or two experts of a product."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
-    both = evaluate(model, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond_a, cond_b]))
+    both = evaluate(model, torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond_a, cond_b))
     return both.then(lambda out: out.chunk(2))
 
 
@@ -139,6 +162,6 @@ def with_guidance(model, scale: float | None):
     """Return the model under classifier-free guidance at `scale`, or unchanged for None / 1."""
     if scale is None or scale == 1.0:
         return model
-    if getattr(model, "num_classes", None) is None:
+    if getattr(model, "num_classes", None) is None and not getattr(model, "takes_prompt", False):
         raise InvalidRequest("guidance: the model is unconditional, classifier-free guidance needs classes")
     return ClassifierFreeGuidance(model, float(scale))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from samplers.calls import NetworkCall, evaluate
-from samplers.denoiser import NULL_LABEL, paired_call
+from samplers.denoiser import guidance_halves, paired_call
 from samplers.errors import BudgetExceeded
 
 
@@ -108,8 +108,8 @@ class CountedModel:
         return self.network_call(x, sigma, cond).run()
 
     def pair(self, x, sigma, cond) -> NetworkCall:
-        """The call of (D(x | cond), D(x | no class)) in one batched forward; 1 NFE per row."""
-        return self._two(x, sigma, cond, torch.full_like(cond, NULL_LABEL), x.shape[0])
+        """The call of (D(x | cond), D(x | no class or negative prompt)) in one batched forward; 1 NFE per row."""
+        return self._two(x, sigma, *guidance_halves(cond), x.shape[0])
 
     def experts(self, x, sigma, cond_a, cond_b) -> NetworkCall:
         """The call of (D(x | cond_a), D(x | cond_b)) in one batched forward; 2 NFE per row."""

@@ -83,10 +83,20 @@ class Streams:
 
 
 def expand_cond(cond, searches: int, k: int):
-    """Per-search labels (G,) -> per-particle labels (G * k,), or None."""
+    """Per-search conditioning -> per-particle (G * k rows, search-major), or None.  `cond` is class labels
+    (G,) or a latent pipeline's dict of per-search tensors (G, ...) (models/pipelines)."""
     if cond is None:
         return None
+    if isinstance(cond, dict):
+        return {key: value.repeat_interleave(k, dim=0) for key, value in cond.items()}
     return torch.as_tensor(cond).reshape(searches).repeat_interleave(k)
+
+
+def per_search(cond, searches: int):
+    """The conditioning of one particle per search (G rows), as a search returns its samples."""
+    if cond is None or isinstance(cond, dict):
+        return cond
+    return torch.as_tensor(cond).reshape(searches)
 
 
 class Tracker:

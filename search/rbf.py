@@ -10,7 +10,7 @@ import torch
 from samplers.errors import InvalidRequest
 
 from .budget import CountedModel, score_with
-from .core import Streams, Tracker, expand_cond
+from .core import Streams, Tracker, expand_cond, per_search
 from .flow_sde import (
     INTERPOLANTS,
     diffusion_coefficient,
@@ -144,7 +144,7 @@ def rollover_budget_forcing(model: CountedModel, verifier, *, steps: int, cond, 
     k_start = float(sg / a)
     lam = torch.linspace(-math.log(k_start), -math.log(float(model.sigma_min)), finish_steps + 1, dtype=torch.float64)
     sigmas = torch.cat([torch.exp(-lam[:-1]), torch.zeros(1, dtype=torch.float64)])
-    c_out = None if cond is None else torch.as_tensor(cond).reshape(g_n)
+    c_out = per_search(cond, g_n)
     start = (x[pick] / a).to(torch.float32)
     out = yield from rollout.machine("dpmpp_2m", model, start, sigmas, c_out, None, tracker.tick)
     rewards = score_with(verifier, budget, out, c_out)
