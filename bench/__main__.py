@@ -25,11 +25,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", help=f"one of: {', '.join(available())}")
     parser.add_argument("--quick", action="store_true", help="small version that finishes in under a minute")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # options of the benchmark itself (e.g. masked --lengths)
     if args.name not in available():
         parser.error(f"unknown benchmark {args.name!r}; available: {', '.join(available())}")
     module = importlib.import_module(f"bench.{args.name}")
-    result = module.main(quick=args.quick)
+    result = module.main(quick=args.quick, argv=extra) if extra else module.main(quick=args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"{args.name}{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")

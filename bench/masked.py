@@ -14,6 +14,8 @@ quality columns are then the cached run's (over all samples). `identical_to_cach
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch
 from models.masked_lm import load_masked_lm
 from samplers.masked import all_masked, run_masked_sampler
 from samplers.noise import SampleNoise
+from samplers.registry import CallCounter
 from training import text_data, text_eval
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo" / "text-mdm"
@@ -30,22 +33,25 @@ BATCH = 8
 
 
 def generate(lm, name, steps, options, seeds):
-    """Sample every seed in batches of BATCH; returns (tokens, NFE per sample, wall and CPU s per sample)."""
-    tokens, nfe, wall, cpu = [], [], 0.0, 0.0
+    """Sample every seed in batches of BATCH; returns (tokens, mean NFE per sample, wall and CPU s per sample).
+
+    NFE per sample: the rows the network received (a masked sampler calls only the sequences still changing)
+    over the number of samples."""
+    tokens, wall, cpu = [], 0.0, 0.0
+    counter = CallCounter(lm)
     for start in range(0, len(seeds), BATCH):
         chunk = seeds[start:start + BATCH]
         t0, c0 = time.perf_counter(), time.process_time()
-        x, n = run_masked_sampler(name, lm, all_masked(lm, len(chunk)), steps=steps, noise=SampleNoise(chunk),
+        x, _ = run_masked_sampler(name, counter, all_masked(lm, len(chunk)), steps=steps, noise=SampleNoise(chunk),
                                   options=options)
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
         tokens.append(x)
-        nfe.append(n)
-    return torch.cat(tokens), torch.cat(nfe), wall / len(seeds), cpu / len(seeds)
+    return torch.cat(tokens), counter.rows / len(seeds), wall / len(seeds), cpu / len(seeds)
 
 
-def configs(quick: bool):
-    steps = (128,) if quick else (128, 512, 1280)
+def configs(quick: bool, lengths=None):
+    steps = lengths or ((128,) if quick else (128, 512, 1280))
     for precision in ("float64", "float32"):
         yield "first_hitting", None, precision, None
         for n in steps:
@@ -53,9 +59,9 @@ def configs(quick: bool):
             yield "mdlm", n, precision, False
 
 
-def run_rows(lm, evaluator, seeds, quick: bool, log=print) -> list[dict]:
+def run_rows(lm, evaluator, seeds, quick: bool, log=print, lengths=None) -> list[dict]:
     rows, cached_tokens = [], {}
-    for name, steps, precision, cached in configs(quick):
+    for name, steps, precision, cached in configs(quick, lengths):
         options = {"precision": precision} | ({} if cached is None else {"cached": cached})
         row = dict(sampler=name, steps=steps if steps else lm.length, precision=precision, cached=cached)
         if cached is False:  # timed on one batch; same draws as the cached run -> same tokens
@@ -69,7 +75,7 @@ def run_rows(lm, evaluator, seeds, quick: bool, log=print) -> list[dict]:
             if name == "mdlm":
                 cached_tokens[steps, precision] = x
         row.update(seconds_per_sample=round(sec, 4), cpu_seconds_per_sample=round(cpu, 4),
-                   nfe=round(float(nfe.double().mean()), 2),
+                   nfe=round(float(nfe), 2),
                    **quality(evaluator, x_quality))
         rows.append(row)
         log(_format_row(row))
@@ -114,6 +120,19 @@ def claims(rows: list[dict], length: int) -> dict:
     return out
 
 
+def with_rerun(rows: list[dict], length: int, lengths, samples: int, quick: bool) -> dict:
+    """The stored full result with this partial run under `reruns` (its own first_hitting row, so its
+    ratios are measured in one run); an earlier rerun of the same lengths is replaced."""
+    path = RESULTS / ("masked_quick.json" if quick else "masked.json")
+    result = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    rerun = {"lengths": sorted(lengths), "rows": rows, "claims": claims(rows, length), "samples_per_row": samples,
+             "batch": BATCH, "threads": 1, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for key, value in rerun["claims"].items():
+        print(f"  {key}: {value}")
+    result["reruns"] = [r for r in result.get("reruns", []) if r["lengths"] != rerun["lengths"]] + [rerun]
+    return result
+
+
 def _format_row(r: dict) -> str:
     cached = "-" if r["cached"] is None else ("yes" if r["cached"] else "no")
     return (f"{r['sampler']:<14}{r['steps']:>6}  {r['precision']:<8} {cached:<7}"
@@ -156,7 +175,16 @@ def plot(rows, reference, path: Path) -> None:
     plt.close(fig)
 
 
-def main(quick: bool = False) -> dict:
+def parse(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench masked")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="only first_hitting and mdlm at these N (e.g. --lengths 1280): the rows are added to "
+                             "bench/results/masked.json under `reruns`, its other rows kept")
+    return parser.parse_args(argv or [])
+
+
+def main(quick: bool = False, argv=None) -> dict:
+    lengths = parse(argv).lengths
     torch.set_num_threads(1)
     lm = load_masked_lm(ZOO)
     evaluator = text_eval.KneserNeyTrigram(text_data.token_stream(lm.tokenizer, "train"), lm.vocab_size,
@@ -168,8 +196,10 @@ def main(quick: bool = False) -> dict:
           f"1 CPU thread; gen-PPL under a Kneser-Ney trigram fitted on the training split")
     print(f"{'sampler':<14}{'steps':>6}  {'dtype':<8} {'cached':<7}{'s/sample':>10}{'cpu s':>10}{'NFE':>9}"
           f"{'gen-PPL':>10}{'entropy':>9}")
-    rows = run_rows(lm, evaluator, seeds, quick)
+    rows = run_rows(lm, evaluator, seeds, quick, lengths=lengths)
     print(f"{'held-out text':<37}{'':>29}{reference['gen_ppl']:>10.2f}{reference['entropy']:>9.3f}")
+    if lengths:
+        return with_rerun(rows, lm.length, lengths, len(seeds), quick)
     result = {"rows": rows, "reference": reference, "claims": claims(rows, lm.length),
               "samples_per_row": len(seeds), "batch": BATCH, "threads": 1}
     for key, value in result["claims"].items():

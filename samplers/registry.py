@@ -131,17 +131,21 @@ def validate(name: str, steps: int, options: dict[str, Any] | None = None, kind:
 
 class CallCounter:
     """Counts network evaluations (samples in a batch count once per call, as papers count NFE), of
-    denoisers and MeanFlow models (`network_call`) and of masked models (`logits_call`) alike."""
+    denoisers and MeanFlow models (`network_call`) and of masked models (`logits_call`) alike; `rows`
+    counts the samples the calls carried (a masked sampler calls only the sequences still changing, so
+    rows / batch is its mean NFE per sample)."""
 
     def __init__(self, model):
         self.model = model
         self.calls = 0
+        self.rows = 0
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def network_call(self, *args) -> NetworkCall:  # (x, sigma, cond) or, for MeanFlow models, (z, r, t, cond)
         self.calls += 1
+        self.rows += args[0].shape[0]
         return evaluate(self.model, *args)
 
     def __call__(self, *args):
@@ -149,6 +153,7 @@ class CallCounter:
 
     def logits_call(self, tokens: torch.Tensor, cond=None) -> NetworkCall:
         self.calls += 1
+        self.rows += tokens.shape[0]
         return evaluate_logits(self.model, tokens, cond)
 
     def logits(self, tokens: torch.Tensor, cond=None) -> torch.Tensor:
