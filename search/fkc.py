@@ -27,7 +27,7 @@ from samplers.calls import evaluate, step_machine
 from samplers.errors import InvalidRequest
 
 from .budget import CountedModel, score_with
-from .core import Streams, Tracker, expand_cond
+from .core import Streams, Tracker, expand_cond, per_search
 from .trajectory import initial_scale, schedule
 
 TARGETS = ("cfg", "anneal", "product")
@@ -96,7 +96,8 @@ def fkc_particles(model: CountedModel, *, steps: int, cond, streams: Streams, pa
     if target == "cfg" and c is None:
         raise InvalidRequest("search.cond: fkc with target cfg needs a class label")
     if target == "product" and (c is None or cb is None):
-        raise InvalidRequest("search.options.second_class: a product of experts needs two class labels")
+        raise InvalidRequest("search.options.second_class: a product of experts needs two conditions (class labels, or "
+                              "a prompt and second_prompt)")
     b = float(beta)
     eta, zeta = (b, 1.0) if sde == "target_score" else ((1 + b) / 2, 1 / math.sqrt(b))
     if target == "cfg":
@@ -152,12 +153,17 @@ def fkc_particles(model: CountedModel, *, steps: int, cond, streams: Streams, pa
 
 def fkc(model: CountedModel, verifier, *, steps: int, cond, streams: Streams, tracker: Tracker,
         target: str = "cfg", beta: float = 0.0, sde: str = "target_score", second_class: int = -1,
-        grid: str = "karras", ess_threshold: float = 1.0, clamp: float = 0.0, particles: int = 0,
+        second_prompt: str = "", second_cond=None, grid: str = "karras", ess_threshold: float = 1.0,
+        clamp: float = 0.0, particles: int = 0,
         select: str = "first", reweight: bool = True, discretization: str = "auto"):
     """FKC as a search: K = budget // (T * NFE per step) particles per search (CFG counts 1 NFE per step,
     a product of experts 2), one returned sample per search.  `select`: "first" = particle 0 of the
     final resampled population (the EDM2 code: reward-free), "verifier" = its argmax under the verifier
-    (K verifier calls).  beta = 0 takes the request's guidance scale for cfg ."""
+    (K verifier calls).  beta = 0 takes the request's guidance scale for cfg.  The product's second expert
+    is `second_class`, or `second_cond` (per-search conditioning the caller built, e.g. a text-to-image
+    model's encoded `second_prompt`)."""
+    if second_prompt and second_cond is None:
+        raise InvalidRequest("search.options.second_prompt: this model takes no prompt; use second_class")
     budget = model.budget
     per_step = 2 if target == "product" else 1
     most = budget.remaining // (steps * per_step)
@@ -170,7 +176,8 @@ def fkc(model: CountedModel, verifier, *, steps: int, cond, streams: Streams, tr
     elif beta <= 0:
         raise InvalidRequest("search.options.beta: anneal and product targets need beta > 0")
     g_n, shape = streams.searches, tuple(model.shape)
-    cond_b = None if second_class < 0 else torch.full((g_n,), second_class, dtype=torch.int64)
+    cond_b = second_cond if second_cond is not None else (
+        None if second_class < 0 else torch.full((g_n,), second_class, dtype=torch.int64))
     # FKC-CFG evaluates the conditional and unconditional predictions itself (CountedModel.pair), so a
     # guidance scale on the request only supplies the default beta.
     x, log_w, resamplings = yield from fkc_particles.machine(
@@ -185,7 +192,7 @@ def fkc(model: CountedModel, verifier, *, steps: int, cond, streams: Streams, tr
         return tracker.result(streams.seeds)
     first = x.reshape(g_n, k, *shape)[:, 0]
     if verifier is not None:
-        rewards = score_with(verifier, budget, first, None if cond is None else torch.as_tensor(cond).reshape(g_n))
+        rewards = score_with(verifier, budget, first, per_search(cond, g_n))
     else:
         rewards = torch.full((g_n,), float("nan"), dtype=torch.float64)
     tracker.offer(first, rewards if verifier is not None else torch.zeros(g_n, dtype=torch.float64), "final")

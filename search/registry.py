@@ -51,6 +51,7 @@ class SearchSpec:
     when_to_use: str
     options: dict[str, SearchOption] = field(default_factory=dict)
     kind_defaults: Callable[[str | None], dict[str, Any]] = lambda kind: {}  # options left empty, by model kind
+    takes: tuple[str, ...] = ()  # extra inputs beyond the options (fkc: "second_cond", a second expert)
 
 
 _GRID = SearchOption(str, "uniform_lambda", choices=tuple(sorted(GRIDS)), help="time grid of the trajectories")
@@ -113,6 +114,8 @@ SEARCHES: dict[str, SearchSpec] = {
                                                            "guidance) or inverse temperature"),
          "sde": SearchOption(str, "target_score", choices=("target_score", "tempered_noise"), help="SDE family"),
          "second_class": SearchOption(int, -1, -1, 100_000, help="second expert's class for target product"),
+         "second_prompt": SearchOption(str, "", help="second expert's prompt for target product "
+                                                              "(text-to-image models)"),
          "grid": SearchOption(str, "karras", choices=tuple(sorted(GRIDS)), help="time grid"),
          "ess_threshold": SearchOption(float, 1.0, 0.0, 1.0, help="resample when ESS < threshold * K"),
          "clamp": SearchOption(float, 0.0, 0.0, 100.0, help="centre and clip log-weight increments; 0 = off"),
@@ -120,7 +123,8 @@ SEARCHES: dict[str, SearchSpec] = {
          "select": SearchOption(str, "first", choices=("first", "verifier"), help="which particle to return"),
          "reweight": SearchOption(bool, True, help="false = the same SDE without weights (baseline)"),
          "discretization": SearchOption(str, "auto", choices=("auto", "exponential", "euler_maruyama"),
-                                        help="SDE step; auto = exponential (DDPM) for cfg, else Euler-Maruyama")}),
+                                        help="SDE step; auto = exponential (DDPM) for cfg, else Euler-Maruyama")},
+        takes=("second_cond",)),
     "fk_steering": SearchSpec(
         "fk_steering", fk_steering, ("diffusion", "flow"), True,
         "FK steering: particles resampled by reward potentials on their Tweedie estimates (the 'particle "
@@ -161,15 +165,16 @@ def validate_search(method: str, budget_nfe: int, options: dict[str, Any] | None
 def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seeds: Sequence[int],
                steps: int | None = DEFAULT_STEPS,
                guidance: float | None = None, options: dict[str, Any] | None = None,
-               hook: SearchHook | None = None, kind: str | None = None, trace: bool = True
-               ) -> StepMachine[SearchResult]:
+               hook: SearchHook | None = None, kind: str | None = None, trace: bool = True,
+               second_cond=None) -> StepMachine[SearchResult]:
     """Run search `method` once per seed (batched), each with `budget_nfe` NFE, on `model` (a Denoiser in
     VE coordinates, guided at `guidance` with CFG counted as 1 NFE), `steps` (None = 10) per trajectory.
-    `cond`: class labels, one per seed (or None).  The hook receives SearchProgress with the best-so-far
-    of every search; it may raise Cancelled / DeadlineExceeded to stop.  A model call that would exceed
-    the budget raises BudgetExceeded (a bug in a method, never a user error).  `run_search.machine` is the
-    same search as a step machine (samplers/calls.py), which the engine advances one network call at a
-    time; validation happens on its first advance."""
+    `cond`: class labels, one per seed, or a latent pipeline's dict of per-seed tensors (or None);
+    `second_cond` the same for a second expert (fkc's product of two prompts).  The hook receives
+    SearchProgress with the best-so-far of every search; it may raise Cancelled / DeadlineExceeded to
+    stop.  A model call that would exceed the budget raises BudgetExceeded (a bug in a method, never a
+    user error).  `run_search.machine` is the same search as a step machine (samplers/calls.py), which
+    the engine advances one network call at a time; validation happens on its first advance."""
     kind = kind or getattr(model, "kind", None)
     steps = DEFAULT_STEPS if steps is None else steps
     spec, opts = validate_search(method, budget_nfe, options, kind, steps)
@@ -180,10 +185,10 @@ def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seed
         raise InvalidRequest("seeds: each seed must lie in [0, 2^63 - 1]")
     if spec.needs_verifier and verifier is None:
         raise InvalidRequest(f"search.verifier: {method!r} needs a verifier")
-    if cond is not None:
-        cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1)
-        if cond.shape[0] != len(seeds):
-            raise InvalidRequest(f"cond: expected one class label per seed ({len(seeds)}), got {cond.shape[0]}")
+    cond = _per_seed(cond, len(seeds), "cond")
+    second_cond = _per_seed(second_cond, len(seeds), "second_cond")
+    if second_cond is not None and "second_cond" not in spec.takes:
+        raise InvalidRequest(f"second_cond: search {method!r} takes no second condition")
     if guidance is not None and not 0.0 <= float(guidance) <= 100.0:
         raise InvalidRequest(f"guidance: {guidance} is outside [0, 100]")
     opts = {**opts, **{k: v for k, v in spec.kind_defaults(kind).items() if not opts.get(k)}}
@@ -191,8 +196,24 @@ def run_search(method: str, model, *, verifier, budget_nfe: int, cond=None, seed
     counted = CountedModel(model, budget, None if guidance is None else float(guidance))
     shape = getattr(model, "shape", None) or (opts.get("length") or model.length,)
     tracker = Tracker(method, budget, hook, shape, keep_trace=trace)
+    extra = {} if second_cond is None else {"second_cond": second_cond}
     return (yield from spec.fn(counted, verifier, steps=steps, cond=cond, streams=Streams(seeds), tracker=tracker,
-                               **opts))
+                               **opts, **extra))
+
+
+def _per_seed(cond, searches: int, name: str):
+    """Class labels as an int64 (G,) tensor, or a dict cond whose every entry has G rows; None stays None."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        rows = {int(v.shape[0]) for v in cond.values()}
+        if rows != {searches}:
+            raise InvalidRequest(f"{name}: expected {searches} rows (one per seed) in every entry, got {sorted(rows)}")
+        return cond
+    cond = torch.as_tensor(cond, dtype=torch.int64).reshape(-1)
+    if cond.shape[0] != searches:
+        raise InvalidRequest(f"{name}: expected one class label per seed ({searches}), got {cond.shape[0]}")
+    return cond
 
 
 def _describe_options(options: dict[str, SearchOption]) -> dict[str, dict]:

@@ -16,6 +16,7 @@ import torch
 
 from samplers.errors import InvalidRequest, quote
 
+from .digit_prompt import DigitPromptReward
 from .options import SearchOption, check_options
 
 Verifier = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -100,6 +101,20 @@ class WordPresence:
 
 
 @dataclass(frozen=True)
+class DecodedVerifier:
+    """A verifier of images applied to a latent model's samples: `decode(latents)` (the pipeline's VAE) first.
+
+    A latent pipeline's cond is a dict; class-conditional families carry their labels as "class_labels"."""
+
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    verifier: Verifier
+
+    def __call__(self, x0: torch.Tensor, cond=None) -> torch.Tensor:
+        labels = cond.get("class_labels") if isinstance(cond, dict) else cond
+        return self.verifier(self.decode(x0), labels)
+
+
+@dataclass(frozen=True)
 class VerifierSpec:
     name: str
     build: Callable[[dict, Mapping[str, Any]], Verifier]
@@ -112,6 +127,10 @@ class VerifierSpec:
 
 
 IMAGE = ("diffusion", "flow")
+# Resources a request supplies itself (not loaded by the server): the model, a text-to-image prompt.
+REQUEST_RESOURCES = ("model", "prompt")
+_ATTRIBUTE_WEIGHT = {"attribute_weight": SearchOption(float, 1.0, 0.0, 100.0, help="weight of each requested "
+                                                      "attribute's soft indicator beside the class log-probability")}
 VERIFIERS: dict[str, VerifierSpec] = {
     "digit-class": VerifierSpec(
         "digit-class", lambda o, r: ClassLogProb(r["classifier-a"], "digit-class"), IMAGE, ("classifier-a",),
@@ -119,6 +138,18 @@ VERIFIERS: dict[str, VerifierSpec] = {
     "digit-class-b": VerifierSpec(
         "digit-class-b", lambda o, r: ClassLogProb(r["classifier-b"], "digit-class-b"), IMAGE, ("classifier-b",),
         True, "log-probability of the requested digit under held-out classifier B (evaluation).", held_out=True),
+    "digit-prompt": VerifierSpec(
+        "digit-prompt", lambda o, r: DigitPromptReward.build(r["classifier-a"], r["prompt"], r.get("digit-attributes"),
+                                                             o["attribute_weight"]),
+        IMAGE, ("classifier-a", "prompt"), False,
+        "prompt alignment for digits-t2i: log p(prompt's digit) under classifier A plus a soft indicator of "
+        "each requested attribute (bold / thin ink, slanted left / right) measured on the decoded image.",
+        dict(_ATTRIBUTE_WEIGHT)),
+    "digit-prompt-b": VerifierSpec(
+        "digit-prompt-b", lambda o, r: DigitPromptReward.build(r["classifier-b"], r["prompt"],
+                                                               r.get("digit-attributes"), o["attribute_weight"]),
+        IMAGE, ("classifier-b", "prompt"), False,
+        "digit-prompt under held-out classifier B (evaluation).", dict(_ATTRIBUTE_WEIGHT), held_out=True),
     "ink-mass": VerifierSpec(
         "ink-mass", lambda o, r: InkMass(None if o["target"] < 0 else o["target"]), IMAGE, (), False,
         "mean ink of the image; with target in [0, 1], closeness to that ink level.",

@@ -11,26 +11,31 @@ advances one network call at a time, or `samplers.calls.drive` runs directly.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from samplers import REGISTRY, SampleNoise, initial_noise, make_grid, with_guidance
+from samplers.block_diffusion import block_diffusion_machine
 from samplers.calls import StepMachine
 from samplers.errors import InvalidRequest, NonFiniteOutput
 from samplers.grids import GRIDS
+from samplers.hooks import StepInfo
 from samplers.masked import masked_sampler_machine
 from samplers.meanflow import meanflow_times
 from samplers.registry import sampler_machine, validate
 from search import build_verifier, run_search
 from search.registry import DEFAULT_STEPS, MAX_SEARCHES, validate_search
-from search.verifiers import validate_verifier
+from search.verifiers import REQUEST_RESOURCES, validate_verifier
 
 from .errors import quote
 from .limits import check_response_size
-from .requests import GenerateRequest, GenerateResult
+from .requests import PLACEHOLDER, GenerateRequest, GenerateResult, TextStep
 
 OUTPUTS = ("png", "tensor", "text")
 PROMPT_CHARS_PER_TOKEN = 16  # a prompt_text longer than this many characters per position is refused untokenized
@@ -76,11 +81,15 @@ class Plan:
         """The step machine of this plan on `loaded` (through `model` when given, e.g. a backend)."""
         model = loaded.model if model is None else model
         if loaded.entry.family is not None:
+            if self.request.search is not None:
+                return _pipeline_search(self, loaded, model, hook, dict(resources or {}))
             return _pipeline(self, model, hook)
         if self.request.search is not None:
             return _search(self, loaded, model, hook, dict(resources or {}))
         if loaded.kind == "masked":
             return _masked(self, loaded, model, hook)
+        if loaded.kind == "block_diffusion":
+            return _block(self, loaded, model, hook)
         return _continuous(self, loaded, model, hook)
 
 
@@ -94,18 +103,20 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
         raise InvalidRequest(f"num_samples: {n!r} is outside [1, {limits.max_samples}]")
     seeds = tuple(request.sample_seeds())
     model, kind = loaded.model, loaded.kind
-    if kind not in ("diffusion", "flow", "meanflow", "masked"):
+    if kind not in ("diffusion", "flow", "meanflow", "masked", "block_diffusion"):
         raise InvalidRequest(f"model: {loaded.name!r} is a {kind} model, which loads but is not served yet")
     if output is not None:
         _check_output(output, kind)
     if loaded.entry.family is not None:
-        return _plan_pipeline(loaded, request, limits, seeds, output, png_scale)
-    chat = kind == "masked" and hasattr(model, "chat_ids")
-    if (request.prompt and not chat) or request.negative_prompt or request.height or request.width:
+        return _plan_pipeline(loaded, request, limits, seeds, output, png_scale, resources)
+    lm = kind in TEXT_KINDS and takes_prompt(model)
+    if (request.prompt and not lm) or request.negative_prompt or request.height or request.width:
         field = "prompt" if request.prompt or request.negative_prompt else "height, width"
-        raise InvalidRequest(f"{field}: model {loaded.name!r} is not a text-to-image pipeline")
-    if request.max_new_tokens is not None and not (chat and request.prompt):
-        raise InvalidRequest(f"max_new_tokens: model {loaded.name!r} takes it with a chat `prompt` only")
+        raise InvalidRequest(f"{field}: model {loaded.name!r} is not a text-to-image pipeline or a text LM")
+    if request.max_new_tokens is not None and not (lm and request.prompt):
+        raise InvalidRequest(f"max_new_tokens: model {loaded.name!r} takes it with a `prompt` only")
+    if kind == "block_diffusion":
+        return _plan_block(loaded, request, limits, seeds, output)
     if limits.max_response_bytes is not None:  # refuse what the client could not receive, before compute
         shape = (model.length,) if kind == "masked" else tuple(model.shape)
         check_response_size(kind, shape, n, output or ("text" if kind == "masked" else "png"), png_scale,
@@ -124,6 +135,8 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
         return _plan_search(loaded, request, limits, seeds, resources)
     if not request.sampler:
         raise InvalidRequest("sampler: name is empty")
+    if kind == "masked":
+        _check_sampler_kind(loaded, request.sampler)
     spec = REGISTRY.get(request.sampler)
     sampler_kind = "flow" if kind == "meanflow" and spec is not None and "meanflow" not in spec.kinds else kind
     steps = request.steps
@@ -142,12 +155,11 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
     return Plan(loaded.name, sampler_kind, replace(request, steps=steps), seeds, options)
 
 
-def _plan_pipeline(loaded, request: GenerateRequest, limits: Limits, seeds, output, png_scale) -> Plan:
-    """Latent pipelines (models/pipelines): a prompt (or a class label), a size, a sampler for its kind."""
+def _plan_pipeline(loaded, request: GenerateRequest, limits: Limits, seeds, output, png_scale,
+                   resources=None) -> Plan:
+    """Latent pipelines (models/pipelines): a prompt (or a class label), a size, a sampler for its kind,
+    or a search over the latent denoiser whose verifier scores decoded images."""
     pipe = loaded.model
-    if request.search is not None:
-        raise InvalidRequest(f"search: test-time search is not available on latent pipelines yet "
-                             f"(model {loaded.name!r})")
     if request.prompt_text or request.prompt_tokens:
         raise InvalidRequest(f"prompt_text: model {loaded.name!r} takes `prompt` (text-to-image), not a token "
                              f"template")
@@ -171,6 +183,9 @@ def _plan_pipeline(loaded, request: GenerateRequest, limits: Limits, seeds, outp
         raise InvalidRequest(f"guidance: {request.guidance} is outside [0, 100]")
     height, width = request.height or pipe.default_size[0], request.width or pipe.default_size[1]
     pipe.check_size(height, width)
+    if request.search is not None:
+        return _plan_pipeline_search(loaded, replace(request, height=height, width=width), limits, seeds, output,
+                                     png_scale, resources)
     steps = request.steps if request.steps is not None else pipe.default_steps
     if not request.sampler:
         raise InvalidRequest("sampler: name is empty")
@@ -184,12 +199,72 @@ def _plan_pipeline(loaded, request: GenerateRequest, limits: Limits, seeds, outp
                 seeds, options)
 
 
+def _plan_pipeline_search(loaded, request: GenerateRequest, limits: Limits, seeds, output, png_scale,
+                          resources) -> Plan:
+    """A search on a latent pipeline: the search's checks, the verifier built once from what the request
+    and the server supply (so a prompt the verifier cannot read is refused here), the response size."""
+    pipe, search = loaded.model, request.search
+    kind = pipe.denoiser.kind
+    steps = DEFAULT_STEPS if request.steps is None else request.steps
+    if not 1 <= len(seeds) <= MAX_SEARCHES:
+        raise InvalidRequest(f"num_samples: a search runs 1 to {MAX_SEARCHES} searches, got {len(seeds)}")
+    if isinstance(steps, int) and steps > limits.max_steps:
+        raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
+    _, options = validate_search(search.method, search.budget_nfe, search.options, kind, steps)
+    if options.get("second_prompt"):
+        if not pipe.takes_prompt:
+            raise InvalidRequest(f"search.options.second_prompt: model {loaded.name!r} is class-conditional; "
+                                 f"use second_class")
+        if options.get("target") != "product":
+            raise InvalidRequest("search.options.second_prompt: only the product target takes a second prompt")
+    if pipe.takes_prompt and options.get("second_class", -1) >= 0:
+        raise InvalidRequest(f"search.options.second_class: model {loaded.name!r} takes prompts; use second_prompt")
+    vspec, _ = validate_verifier(search.verifier, search.verifier_options, kind)
+    if "prompt" in vspec.resources and not pipe.takes_prompt:
+        raise InvalidRequest(f"search.verifier: {search.verifier!r} scores a prompt; model {loaded.name!r} takes "
+                             f"class labels")
+    if resources is not None:
+        missing = [r for r in vspec.resources if r not in resources and r not in REQUEST_RESOURCES]
+        if missing:
+            raise InvalidRequest(f"search.verifier: {search.verifier!r} is not available on this server "
+                                 f"(needs {missing[0]!r})")
+        _pipeline_verifier(loaded, request, resources)  # builds it: refuses a prompt it cannot score
+    if limits.max_response_bytes is not None:
+        check_response_size("diffusion", (3, request.height, request.width), len(seeds), output or "png",
+                            png_scale, limits.max_response_bytes)
+    return Plan(loaded.name, kind, replace(request, steps=steps), seeds)
+
+
+@functools.lru_cache(maxsize=16)
+def _train_info_thresholds(directory: str) -> dict | None:
+    """The attribute thresholds a model's card measured its captions by (zoo/digits-t2i/train_info.json)."""
+    path = Path(directory) / "train_info.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("attribute_thresholds")
+
+
+def _pipeline_verifier(loaded, request: GenerateRequest, resources: Mapping[str, Any]):
+    """The request's verifier over decoded images (None for a reward-free search)."""
+    from search.verifiers import DecodedVerifier
+
+    search, pipe = request.search, loaded.model
+    if not search.verifier:
+        return None
+    supplied = {**resources, "model": pipe.denoiser, "prompt": request.prompt or ""}
+    thresholds = _train_info_thresholds(str(loaded.entry.directory))
+    if thresholds is not None:
+        supplied.setdefault("digit-attributes", thresholds)
+    verifier = build_verifier(search.verifier, search.verifier_options, supplied, pipe.denoiser.kind)
+    return DecodedVerifier(pipe.decoder, verifier)
+
+
 def _check_output(output: str, kind: str) -> None:
     if output not in OUTPUTS:
         raise InvalidRequest(f"format: {quote(output)} is not one of {list(OUTPUTS)}")
-    if kind == "masked" and output == "png":
+    if kind in TEXT_KINDS and output == "png":
         raise InvalidRequest("format: masked models give TEXT or TENSOR output")
-    if kind != "masked" and output == "text":
+    if kind not in TEXT_KINDS and output == "text":
         raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
 
 
@@ -211,7 +286,7 @@ def _plan_search(loaded, request: GenerateRequest, limits: Limits, seeds, resour
     validate_search(search.method, search.budget_nfe, search.options, kind, steps)
     vspec, _ = validate_verifier(search.verifier, search.verifier_options, kind)
     if resources is not None:
-        missing = [r for r in vspec.resources if r not in resources and r != "model"]
+        missing = [r for r in vspec.resources if r not in resources and r not in REQUEST_RESOURCES]
         if missing:
             raise InvalidRequest(f"search.verifier: {search.verifier!r} is not available on this server "
                                  f"(needs {missing[0]!r})")
@@ -221,12 +296,12 @@ def _plan_search(loaded, request: GenerateRequest, limits: Limits, seeds, resour
 
 
 def _check_prompt(model, request: GenerateRequest) -> None:
-    """Masked models: one of prompt_text / prompt_tokens (or a chat `prompt`), bounded by size before any
+    """Masked models: one of prompt_text / prompt_tokens (or an LM's `prompt`), bounded by size before any
     tokenizing."""
     if request.prompt:
         if request.prompt_text or request.prompt_tokens is not None:
-            raise InvalidRequest("prompt: give a chat prompt or a token template (prompt_text / prompt_tokens)")
-        chat_template(model, request)
+            raise InvalidRequest("prompt: give a prompt or a token template (prompt_text / prompt_tokens)")
+        prompt_template(model, request)
         return
     if request.prompt_tokens is not None and request.prompt_text:
         raise InvalidRequest("prompt: give prompt_tokens or prompt_text, not both")
@@ -259,19 +334,79 @@ def labels_of(model, request: GenerateRequest) -> torch.Tensor | None:
 
 
 DEFAULT_NEW_TOKENS = 128
+TEXT_KINDS = ("masked", "block_diffusion")
 
 
-def chat_template(model, request: GenerateRequest) -> tuple[torch.Tensor, int]:
-    """A chat LM's (L,) tokens: the chat-templated prompt then max_new_tokens masks; and the prompt's length."""
+def takes_prompt(model) -> bool:
+    """A text LM (LLaDA, MDLM / BD3-LM, DiffusionGemma): `prompt` + max_new_tokens, through its chat template
+    where it has one."""
+    return hasattr(model, "prompt_ids")
+
+
+def prompt_ids(model, request: GenerateRequest) -> tuple[list[int], int]:
+    """An LM request's prompt ids (chat-templated where the model has a template) and its new-token count."""
     if len(request.prompt) > PROMPT_CHARS_PER_TOKEN * model.length:
         raise InvalidRequest(f"prompt: {len(request.prompt)} characters is too long for the model's {model.length} "
                              f"positions")
-    ids = model.chat_ids([{"role": "user", "content": request.prompt}])
+    ids = list(model.prompt_ids(request.prompt))
     new = request.max_new_tokens or DEFAULT_NEW_TOKENS
     if len(ids) + new > model.length:
         raise InvalidRequest(f"max_new_tokens: {len(ids)} prompt tokens + {new} new tokens exceed the model's "
                              f"length {model.length}")
-    return torch.tensor(list(ids) + [model.mask_id] * new, dtype=torch.long), len(ids)
+    return ids, new
+
+
+def prompt_template(model, request: GenerateRequest) -> tuple[torch.Tensor, int]:
+    """A masked LM's (L,) tokens: the prompt then max_new_tokens masks; and the prompt's length."""
+    ids, new = prompt_ids(model, request)
+    return torch.tensor(ids + [model.mask_id] * new, dtype=torch.long), len(ids)
+
+
+chat_template = prompt_template  # its name before plain-text prompts
+
+
+def _check_sampler_kind(loaded, name: str) -> None:
+    """A sampler of another model kind is refused naming both, with the samplers that do apply."""
+    spec = REGISTRY.get(name)
+    if spec is not None and loaded.kind not in spec.kinds:
+        fits = sorted(n for n, s in REGISTRY.items() if loaded.kind in s.kinds)
+        raise InvalidRequest(f"sampler: {name!r} does not apply to model {loaded.name!r} (a {loaded.kind} model); "
+                             f"its samplers are {fits}")
+
+
+def _plan_block(loaded, request: GenerateRequest, limits: Limits, seeds, output) -> Plan:
+    """Block-diffusion LMs (DiffusionGemma): a prompt, max_new_tokens (the sampler's gen_length), a canvas
+    sampler with `steps` per canvas."""
+    model = loaded.model
+    if request.search is not None:
+        raise InvalidRequest(f"search: test-time search is not available on block-diffusion models yet "
+                             f"(model {loaded.name!r})")
+    if request.prompt_text or request.prompt_tokens is not None:
+        raise InvalidRequest(f"prompt_text: model {loaded.name!r} takes `prompt` (and max_new_tokens), not a token "
+                             f"template")
+    if request.class_label is not None or request.guidance not in (None, 1.0):
+        raise InvalidRequest(f"class_label: model {loaded.name!r} takes a prompt, not a class label or guidance")
+    if request.grid is not None:
+        raise InvalidRequest(f"grid: model {loaded.name!r} has no time grid; its samplers step over canvases")
+    if not request.prompt:
+        raise InvalidRequest(f"prompt: model {loaded.name!r} needs a prompt")
+    if not request.sampler:
+        raise InvalidRequest("sampler: name is empty")
+    _check_sampler_kind(loaded, request.sampler)
+    if "gen_length" in request.options:
+        raise InvalidRequest("options.gen_length: set max_new_tokens instead")
+    steps = request.steps if request.steps is not None else loaded.entry.default_steps
+    _, options = validate(request.sampler, steps, request.options, "block_diffusion")
+    if steps > limits.max_steps:
+        raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
+    ids, new = prompt_ids(model, request)
+    canvases = -(-new // model.canvas_length)
+    if len(ids) + canvases * model.canvas_length > model.length:
+        raise InvalidRequest(f"max_new_tokens: {len(ids)} prompt tokens + {canvases} canvases of "
+                             f"{model.canvas_length} exceed the model's length {model.length}")
+    if limits.max_response_bytes is not None:
+        check_response_size("masked", (len(ids) + new,), len(seeds), output or "text", 1, limits.max_response_bytes)
+    return Plan(loaded.name, "block_diffusion", replace(request, steps=steps), seeds, {**options, "gen_length": new})
 
 
 def masked_template(model, request: GenerateRequest) -> torch.Tensor:
@@ -315,16 +450,70 @@ def _continuous(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
 
 def _masked(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
     request = plan.request
-    if request.prompt:  # a chat LM: the answer follows the templated prompt; its text stops at end-of-text
-        template, start = chat_template(model, request)
+    if request.prompt:  # an LM: the answer follows the (templated) prompt; its text stops at end-of-text
+        template, start = prompt_template(model, request)
     else:
         template, start = masked_template(model, request), 0
     tokens = template.expand(plan.n, -1).clone()
     out, nfe = yield from masked_sampler_machine(request.sampler, model, tokens, steps=request.steps,
-                                                 noise=SampleNoise(list(plan.seeds)), hook=hook,
+                                                 noise=SampleNoise(list(plan.seeds)),
+                                                 hook=_text_hook(hook, model, start, model.mask_id),
                                                  options=request.options)
     nfe = int(torch.as_tensor(nfe).max()) if torch.is_tensor(nfe) else int(nfe)
     return GenerateResult(out, nfe, list(plan.seeds), [model.decode(row[start:]) for row in out])
+
+
+def _block(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
+    """A block-diffusion LM: canvases after the prompt, cut to max_new_tokens; texts stop at end-of-text."""
+    request = plan.request
+    ids, new = prompt_ids(model, request)
+    prompt = torch.tensor(ids, dtype=torch.long).expand(plan.n, -1).clone()
+    text_hook = _text_hook(hook, model, len(ids), -1)  # the sampler reports positions still noise as -1
+    out, nfe = yield from block_diffusion_machine(request.sampler, model, prompt, steps=request.steps,
+                                                  noise=SampleNoise(list(plan.seeds)), hook=text_hook,
+                                                  options=plan.options)
+    out = out[:, :len(ids) + new]
+    if text_hook is not None:  # the final text, once more: early-stopped canvases settle after their last report
+        text_hook(StepInfo(0, 1, 0.0, 0.0, out, out))
+    return GenerateResult(out, int(torch.as_tensor(nfe).max()), list(plan.seeds),
+                          [model.decode(row[len(ids):]) for row in out])
+
+
+def preview_text(model, ids, hidden: int) -> str:
+    """The text of answer ids so far: PLACEHOLDER for each `hidden` id (still masked), cut at end-of-text;
+    with nothing hidden, exactly the final text (`model.decode`)."""
+    ids = [int(i) for i in ids]
+    eos = getattr(model, "eos_id", None)
+    if eos is not None and eos in ids:
+        ids = ids[:ids.index(eos)]
+    if hidden not in ids:
+        return model.decode(ids)
+    parts, run = [], []
+    for i in [*ids, hidden]:
+        if i != hidden:
+            run.append(i)
+            continue
+        if run:
+            parts.append(model.decode(run))
+            run = []
+        parts.append(PLACEHOLDER)
+    return "".join(parts[:-1])
+
+
+def _text_hook(hook, model, start: int, hidden: int):
+    """The hook seeing TextSteps: each step's answers render as preview texts on demand; `nfe` counts calls."""
+    if hook is None:
+        return None
+    calls = [0]
+
+    def render(x: torch.Tensor) -> list[str]:
+        return [preview_text(model, row[start:], hidden) for row in x]
+
+    def text_hook(info: StepInfo) -> None:
+        calls[0] += 1
+        hook(TextStep(**{f.name: getattr(info, f.name) for f in fields(StepInfo)} | {"nfe": info.nfe or calls[0]},
+                      render=render))
+    return text_hook
 
 
 def _search(plan: Plan, loaded, model, hook, resources) -> StepMachine[GenerateResult]:
@@ -356,3 +545,56 @@ def _pipeline(plan: Plan, pipe, hook) -> StepMachine[GenerateResult]:
         distilled_guidance=r.distilled_guidance)
     out = yield from generate_machine(pipe, request, hook)
     return GenerateResult(_check_finite(out.images), out.nfe, list(plan.seeds))
+
+
+@dataclass(frozen=True, eq=False)
+class _LatentsAtSize:
+    """A pipeline's latent denoiser as a search sees it: one request's latent shape, and whether its cond is
+    a prompt (classifier-free guidance then pairs the prompt with its negative)."""
+
+    model: Any
+    shape: tuple[int, ...]
+    takes_prompt: bool
+
+    def __getattr__(self, name):  # process, sigma range, kind, num_classes
+        return getattr(self.model, name)
+
+    def network_call(self, x, sigma, cond=None):
+        return self.model.network_call(x, sigma, cond)
+
+
+def _pipeline_search(plan: Plan, loaded, pipe, hook, resources) -> StepMachine[GenerateResult]:
+    """Test-time search on a latent pipeline: conditioning once per search, the search over latents (its
+    particles are rows of the engine's forwards, its verifier scores VAE-decoded images), then the decode
+    of the returned latents.  Search progress carries no latent previews."""
+    from models.pipelines.generate import PipelineRequest, condition
+
+    r, spec = plan.request, plan.request.search
+    options = spec.options or {}
+    scale = pipe.default_guidance if r.guidance is None else float(r.guidance)
+    guided = scale is not None and scale > 1.0
+    if spec.method == "fkc":  # cfg pairs prompt and negative itself; a product's experts are unguided
+        negatives = {"cfg": True, "anneal": guided, "product": False}[options.get("target", "cfg")]
+    else:
+        negatives = guided
+    request = PipelineRequest(
+        seeds=list(plan.seeds), prompts=r.prompt, negative_prompts=r.negative_prompt,
+        class_labels=None if r.class_label is None else [r.class_label], height=r.height, width=r.width,
+        steps=r.steps, guidance=scale, distilled_guidance=r.distilled_guidance)
+    cond = yield from condition(pipe, request, plan.n, negatives, r.height, r.width)
+    second = None
+    if options.get("second_prompt"):
+        second = yield from condition(pipe, replace(request, prompts=options["second_prompt"], negative_prompts=None),
+                                      plan.n, False, r.height, r.width)
+    elif not pipe.takes_prompt and options.get("second_class", -1) >= 0:
+        second = {"class_labels": torch.full((plan.n,), int(options["second_class"]), dtype=torch.long)}
+    model = _LatentsAtSize(pipe.denoiser, tuple(pipe.latent_shape(r.height, r.width)), pipe.takes_prompt)
+    verifier = _pipeline_verifier(loaded, r, resources)
+    progress = None if hook is None else (lambda p: hook(replace(p, best_x0=None)))
+    result = yield from run_search.machine(
+        spec.method, model, verifier=verifier, budget_nfe=spec.budget_nfe, cond=cond, seeds=list(plan.seeds),
+        steps=r.steps, guidance=scale if guided and negatives else None, options=spec.options, hook=progress,
+        kind=plan.kind, trace=False, second_cond=second)
+    images = yield pipe.decoder.decode_call(_check_finite(result.samples))
+    return GenerateResult(_check_finite(images), result.nfe, list(result.seeds),
+                          rewards=[float(v) for v in result.rewards])
