@@ -31,6 +31,7 @@ from samplers import bd3lm, block_diffusion, llada  # noqa: F401  (register thei
 from samplers.block_diffusion import run_block_diffusion
 from samplers.masked import run_masked_sampler
 from samplers.noise import SampleNoise
+from samplers.registry import CallCounter
 
 BATCH = 2  # sequences per run (main sets 1 for the full run)
 LLADA_MASK = 126336
@@ -53,8 +54,9 @@ def _timed(fn):
 
 # --- the official loops ---
 
-def reference_llada(net, prompt, gen_length, steps, block_length, mask_id):
-    """LLaDA's generate(): low-confidence remasking, temperature 0, semi-autoregressive blocks."""
+def reference_llada(net, prompt, gen_length, steps, block_length, mask_id, on_step=None):
+    """LLaDA's generate(): low-confidence remasking, temperature 0, semi-autoregressive blocks.
+    (`on_step`, in every reference loop: called after each step; the full-size rows stop a loop with it.)"""
     x = torch.cat([prompt, torch.full((len(prompt), gen_length), mask_id)], 1)
     p_len = prompt.shape[1]
     blocks = gen_length // block_length
@@ -76,10 +78,12 @@ def reference_llada(net, prompt, gen_length, steps, block_length, mask_id):
             for j in range(len(x)):
                 transfer[j, torch.topk(confidence[j], k=int(counts[j, i])).indices] = True
             x[transfer] = x0[transfer]
+            if on_step is not None:
+                on_step()
     return x
 
 
-def reference_first_hitting(net, x, mask_id, gen):
+def reference_first_hitting(net, x, mask_id, gen, on_step=None):
     """BD3-LM's first-hitting loop: full float64 categorical over every position, keep one masked position."""
     x = x.clone()
     while (x == mask_id).any():
@@ -93,10 +97,12 @@ def reference_first_hitting(net, x, mask_id, gen):
             if len(masked):
                 k = masked[torch.randint(len(masked), (1,), generator=gen)]
                 x[j, k] = x0[j, k]
+        if on_step is not None:
+            on_step()
     return x
 
 
-def reference_mdlm(net, x, mask_id, steps, gen):
+def reference_mdlm(net, x, mask_id, steps, gen, on_step=None):
     """MDLM's ddpm_cache loop in float64: categorical over V + 1 for every position at each of N steps."""
     x = x.clone()
     p_x0 = None
@@ -114,6 +120,8 @@ def reference_mdlm(net, x, mask_id, steps, gen):
         if not torch.equal(new, x):
             p_x0 = None
         x = new
+        if on_step is not None:
+            on_step()
     return x
 
 
@@ -208,27 +216,162 @@ def dg_rows(new_tokens: int, steps: int, quick: bool):
         yield "DiffusionGemma", name, new_tokens, nfe, sec, ref_sec, None
 
 
-def full_size_forward(prompt_len: int = 32, new_tokens: int = 256) -> dict:
-    """One forward of LLaDA-8B's width (d_model 4096, MLP 12288, vocab 126,464) with one layer, bfloat16."""
+class _Stop(Exception):
+    """Ends a loop after its measured steps."""
+
+
+class _ForwardClock:
+    """Seconds of every forward pass of `net` (module hooks), whichever loop calls it."""
+
+    def __init__(self, net):
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+        net.register_forward_pre_hook(lambda *_: setattr(self, "_t0", time.perf_counter()))
+        net.register_forward_hook(lambda *_: self.seconds.append(time.perf_counter() - self._t0))
+
+
+def _first_steps(clock: _ForwardClock, run, steps: int) -> dict:
+    """Run `run(on_step)` until `steps` steps are done: seconds in all, forward passes and their seconds."""
+    done, before = [0], len(clock.seconds)
+
+    def on_step(*_):
+        done[0] += 1
+        if done[0] == steps:
+            raise _Stop
+    t0 = time.perf_counter()
+    try:
+        run(on_step)
+    except _Stop:
+        pass
+    forwards = clock.seconds[before:]
+    return {"seconds": time.perf_counter() - t0, "forwards": len(forwards), "forward_seconds": sum(forwards)}
+
+
+class _Uniform:
+    """A toy masked network (uniform logits) for counting cached mdlm's network calls."""
+
+    mask_id, vocab_size, forbidden = 7, 8, (7,)
+
+    def __init__(self, length):
+        self.length, self.calls = length, 0
+
+    def logits(self, tokens, cond=None):
+        return torch.zeros(*tokens.shape, self.vocab_size)
+
+    def __call__(self, x):
+        self.calls += 1
+        return self.logits(x)
+
+
+def mdlm_calls(prompt_len: int, new_tokens: int) -> tuple[int, int]:
+    """Network calls of cached mdlm (N = new_tokens, seed 0), ours and MDLM's loop: whether a step changes the
+    sequence has probability 1 - (s/t)^n whatever the network predicts, so a toy network gives the count."""
+    toy = _Uniform(prompt_len + new_tokens)
+    tokens = torch.cat([torch.zeros(1, prompt_len, dtype=torch.long), torch.full((1, new_tokens), toy.mask_id)], 1)
+    counter = CallCounter(toy)
+    run_masked_sampler("mdlm", counter, tokens, steps=new_tokens, noise=SampleNoise([0]))
+    reference_mdlm(toy, tokens, toy.mask_id, new_tokens, torch.Generator().manual_seed(0))
+    return counter.calls, toy.calls
+
+
+def full_size_model(layers: int) -> LLaDAModel:
+    """LLaDA-8B's published configuration with `layers` blocks, random weights, built directly in bfloat16."""
     from models.llada import LLADA_8B
 
-    config = LLaDAConfig(**{**LLADA_8B.__dict__, "n_layers": 1})
-    net = LLaDAModel(config).to(torch.bfloat16).eval().requires_grad_(False)
-    ids = torch.randint(0, 126000, (1, prompt_len + new_tokens))
+    with torch.device("meta"):
+        net = LLaDAModel(LLaDAConfig(**{**LLADA_8B.__dict__, "n_layers": layers}))
+    net = net.to(torch.bfloat16).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1.0) if p.ndim == 1 else p.normal_(0, 0.02, generator=gen)  # RMSNorm weights: 1
+    return net.eval().requires_grad_(False)
+
+
+def layers_that_fit(margin_gb: float = 4.5) -> int:
+    """LLaDA-8B's 32 blocks, or as many as the free memory holds (bfloat16 + margin_gb for the rest)."""
+    free = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable")) / 2**20
+    embedding_and_head, block = 2 * 126464 * 4096 * 2 / 2**30, (4 * 4096**2 + 3 * 4096 * 12288) * 2 / 2**30
+    return max(1, min(32, int((free - margin_gb - embedding_and_head) / block)))
+
+
+def full_size_rows(measured_steps: int = 3, prompt_len: int = 32, new_tokens: int = 256) -> list[dict]:
+    """tokens/s for 256 new tokens per sampler at LLaDA-8B's size, ours vs the published loop, from the first
+    `measured_steps` steps of each (2 CPU threads). A step's cost is the forward pass (the same module and input
+    for both loops: their pooled median is used) plus the loop's own work (its measured time minus its forward
+    passes); the full answer takes NFE forwards and 256 steps of own work."""
+    layers = layers_that_fit()
+    net = full_size_model(layers)
+    lm, clock, mask = LLaDALM(net), _ForwardClock(net), LLADA_MASK
+    params = sum(p.numel() for p in net.parameters())
+    prompt = torch.randint(0, mask, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    tokens = torch.cat([prompt, torch.full((1, new_tokens), mask)], 1)
+    ours_mdlm, ref_mdlm = mdlm_calls(prompt_len, new_tokens)
+    opts = {"block_length": 32, "temperature": 0.0}
+    loops = {  # sampler: (NFE ours, NFE reference, ours(on_step), reference(on_step))
+        "llada": (new_tokens, new_tokens,
+                  lambda h: run_masked_sampler("llada", lm, tokens, steps=new_tokens, noise=SampleNoise([0]), hook=h,
+                                               options=opts),
+                  lambda h: reference_llada(net, prompt, new_tokens, new_tokens, 32, mask, h)),
+        "first_hitting": (new_tokens, new_tokens,
+                          lambda h: run_masked_sampler("first_hitting", lm, tokens, noise=SampleNoise([0]), hook=h),
+                          lambda h: reference_first_hitting(net, tokens, mask, torch.Generator().manual_seed(0), h)),
+        "mdlm": (ours_mdlm, ref_mdlm,
+                 lambda h: run_masked_sampler("mdlm", lm, tokens, steps=new_tokens, noise=SampleNoise([0]), hook=h),
+                 lambda h: reference_mdlm(net, tokens, mask, new_tokens, torch.Generator().manual_seed(0), h)),
+    }
     with torch.inference_mode():
-        net(ids[:, :8])
-        _, one_layer = _timed(lambda: net(ids))
-        net.blocks = net.blocks[:0]
-        _, no_layer = _timed(lambda: net(ids))
-    per_layer = one_layer - no_layer
-    forward_8b = no_layer + LLADA_8B.n_layers * per_layer
-    return {"sequence": prompt_len + new_tokens, "seconds_embedding_and_head": round(no_layer, 3),
-            "seconds_per_layer": round(per_layer, 3), "seconds_per_forward_8b_extrapolated": round(forward_8b, 2),
-            "tokens_per_s_8b_extrapolated_llada_steps_equal_tokens": round(new_tokens / (new_tokens * forward_8b), 4)}
+        net(tokens)  # warm-up, untimed
+        clock.seconds.clear()
+        measured = {name: (_first_steps(clock, ours, measured_steps), _first_steps(clock, ref, measured_steps))
+                    for name, (_, _, ours, ref) in loops.items()}
+    forward = float(torch.tensor(clock.seconds).median())
+    family = "LLaDA-8B" if layers == 32 else f"LLaDA-8B config, {layers} of 32 layers"
+    rows = []
+    for name, (nfe, ref_nfe, _, _) in loops.items():
+        own = [(m["seconds"] - m["forward_seconds"]) / measured_steps for m in measured[name]]
+        total = [n * forward + new_tokens * o for n, o in zip((nfe, ref_nfe), own, strict=True)]
+        rows.append({"family": family, "sampler": name, "new_tokens": new_tokens, "nfe": nfe,
+                     "tokens_per_s": round(new_tokens / total[0], 5),
+                     "reference_tokens_per_s": round(new_tokens / total[1], 5),
+                     "reference_nfe": ref_nfe, "extrapolated": True, "measured_steps": measured_steps,
+                     "layers": layers, "parameters": params, "dtype": "bfloat16", "threads": torch.get_num_threads(),
+                     "seconds_per_forward_median": round(forward, 3), "forwards_timed": len(clock.seconds),
+                     "own_seconds_per_step": round(own[0], 4), "reference_own_seconds_per_step": round(own[1], 4),
+                     "measured": [{k: round(v, 3) for k, v in m.items()} for m in measured[name]]})
+    return rows
 
 
-def main(quick: bool = False) -> dict:
+def run_full_size(measured_steps: int) -> dict:
+    """The full-size rows, merged into bench/results/lms.json (rows of other families kept)."""
+    import json
+    from pathlib import Path
+
+    torch.set_num_threads(2)
+    rows = full_size_rows(measured_steps)
+    for r in rows:
+        print(f"{r['family']:<16}{r['sampler']:<18}{r['new_tokens']:>5}{r['nfe']:>7}{r['tokens_per_s']:>12.4f}"
+              f"{r['reference_tokens_per_s']:>11.4f}{r['tokens_per_s'] / r['reference_tokens_per_s']:>7.2f}  "
+              f"forward {r['seconds_per_forward_median']} s, own work {r['own_seconds_per_step']} s / "
+              f"{r['reference_own_seconds_per_step']} s per step", flush=True)
+    path = Path(__file__).resolve().parent / "results" / "lms.json"
+    result = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    result["rows"] = [r for r in result["rows"] if not r["family"].startswith("LLaDA-8B")] + rows
+    return result
+
+
+def main(quick: bool = False, argv=None) -> dict:
     global BATCH
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench lms")
+    parser.add_argument("--full-size", action="store_true",
+                        help="only the LLaDA-8B rows (about 17 GB: run under flock /tmp/bigmem.lock); merged into "
+                             "bench/results/lms.json")
+    parser.add_argument("--measured-steps", type=int, default=3, help="steps timed per loop in --full-size")
+    args = parser.parse_args(argv or [])
+    if args.full_size:
+        return run_full_size(args.measured_steps)
     torch.set_num_threads(1)
     BATCH = 2 if quick else 1  # the full run is long on 2 shared cores; one sequence per row
     if quick:  # smoke run: small vocabularies, 32 new tokens
@@ -257,6 +400,4 @@ def main(quick: bool = False) -> dict:
                     f"{row['reference_tokens_per_s']:>11.2f}{ref_sec / sec:>7.2f}  {'' if same is None else same}")
             table.append(line)
             print(line, flush=True)
-    if not quick:
-        print("full size (LLaDA-8B width, 1 layer, bfloat16, extrapolated to 32 layers):", full_size_forward())
     return {"rows": rows}
