@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from samplers.denoiser import NULL_LABEL, Denoiser
+from samplers.denoiser import NULL_LABEL, ClipData, Denoiser, DynamicThreshold
 from samplers.processes import DiscreteVP, Process, RectifiedFlow, beta_table
 
 from .safety import require_safetensors
@@ -26,6 +26,17 @@ PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 # (latent pipelines map most of them: models/pipelines/schedule.py).
 FLOW_REFUSED = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "stochastic_sampling")
+# VP-scheduler fields a pixel model's grid would ignore (its grid comes from the models config's `grid`).
+VP_REFUSED = {"use_karras_sigmas": "set grid = \"karras\" in the models config instead",
+              "use_exponential_sigmas": "exponential sigmas are not a pixel-model grid",
+              "use_beta_sigmas": "beta-distributed sigmas are not supported",
+              "use_lu_lambdas": "set grid = \"uniform_lambda\" in the models config instead",
+              "use_flow_sigmas": "flow sigmas on a discrete scheduler are not supported",
+              "invert_sigmas": "inverted sigmas are not supported"}
+# Where diffusers' schedulers touch the data prediction x0_hat inside `step` (the model's own scheduler):
+# DDPM / DDIM clip it (`clip_sample`, default true) unless they threshold it; these threshold it.
+CLIP_CLASSES = {"DDPMScheduler", "DDIMScheduler"}
+THRESHOLD_CLASSES = {"DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
 
 class UnsupportedConfig(ValueError):
@@ -39,10 +50,56 @@ class SchedulerMapping:
     kind: str
     time_scale: float  # network timestep = time_scale * t
     shift: float = 1.0
+    data_clip: ClipData | DynamicThreshold | None = None
 
 
-def map_scheduler_config(config: dict) -> SchedulerMapping:
-    """Map a diffusers scheduler config onto (process, prediction type); unknown values raise."""
+def _named(model: str | None) -> str:
+    return "" if model is None else f"model {model!r}: "
+
+
+def data_clip_of(config: dict, model: str | None = None) -> ClipData | DynamicThreshold | None:
+    """The clip or dynamic threshold the model's own scheduler applies to x0_hat in every step, or None.
+
+    `thresholding` (DDPM, DDIM, DPM-Solver++, UniPC with predict_x0) wins over `clip_sample` (DDPM and DDIM,
+    whose default is true), as in their `step`.  A true value on a class that ignores it is refused: the
+    checkpoint's intent is unclear (another scheduler would apply it)."""
+    cls = config.get("_class_name")
+    if config.get("thresholding"):
+        applies = cls in THRESHOLD_CLASSES and config.get("algorithm_type", "dpmsolver++") in (
+            "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver") and config.get("predict_x0", True)
+        if not applies:
+            raise UnsupportedConfig(f"{_named(model)}scheduler config field 'thresholding' = true: {cls} does not "
+                                    "apply it here, so its effect is ambiguous; set it to false")
+        ratio, top = float(config.get("dynamic_thresholding_ratio", 0.995)), float(config.get("sample_max_value", 1.0))
+        if not 0 < ratio <= 1 or not top >= 1:
+            raise UnsupportedConfig(f"{_named(model)}scheduler config fields 'dynamic_thresholding_ratio' / "
+                                    f"'sample_max_value' = {ratio} / {top}: need 0 < ratio <= 1 and max value >= 1")
+        return DynamicThreshold(ratio, top)
+    clip = config.get("clip_sample", cls in CLIP_CLASSES)
+    if not clip:
+        return None
+    if cls not in CLIP_CLASSES:
+        raise UnsupportedConfig(f"{_named(model)}scheduler config field 'clip_sample' = true: {cls} does not clip, "
+                                "so its effect is ambiguous; set it to false")
+    limit = float(config.get("clip_sample_range", 1.0))
+    if not limit > 0:
+        raise UnsupportedConfig(f"{_named(model)}scheduler config field 'clip_sample_range' = {limit}: must be "
+                                "positive")
+    return ClipData(limit)
+
+
+def map_scheduler_config(config: dict, model: str | None = None) -> SchedulerMapping:
+    """Map a diffusers scheduler config onto (process, prediction type, data clip); unknown values raise,
+    naming the field (and `model` when given)."""
+    try:
+        return _map(config, model)
+    except UnsupportedConfig as err:
+        if model is None or str(err).startswith("model "):
+            raise
+        raise UnsupportedConfig(f"{_named(model)}{err}") from None
+
+
+def _map(config: dict, model: str | None) -> SchedulerMapping:
     cls = config.get("_class_name")
     if cls in FLOW_SCHEDULERS:
         for key in FLOW_REFUSED:
@@ -73,11 +130,17 @@ def map_scheduler_config(config: dict) -> SchedulerMapping:
             raise UnsupportedConfig(f"scheduler config field 'beta_schedule': {schedule!r} is not supported")
         betas = list(beta_table(schedule, steps, float(config.get("beta_start", 1e-4)),
                                 float(config.get("beta_end", 0.02))))
-    if config.get("thresholding"):
-        raise UnsupportedConfig("scheduler config field 'thresholding': dynamic thresholding is not supported")
     if config.get("rescale_betas_zero_snr"):
         raise UnsupportedConfig("scheduler config field 'rescale_betas_zero_snr': zero terminal SNR is not supported")
-    return SchedulerMapping(DiscreteVP(tuple(betas)), PREDICTION_TYPES[prediction], "diffusion", 1.0)
+    return SchedulerMapping(DiscreteVP(tuple(betas)), PREDICTION_TYPES[prediction], "diffusion", 1.0,
+                            data_clip=data_clip_of(config))
+
+
+def refuse_pixel_grid_fields(config: dict, model: str | None = None) -> None:
+    """A pixel model's time grid is the models config's `grid`: scheduler fields that pick another are refused."""
+    for key, why in VP_REFUSED.items():
+        if config.get(key) and config.get("_class_name") not in FLOW_SCHEDULERS:
+            raise UnsupportedConfig(f"{_named(model)}scheduler config field {key!r} = {config[key]!r}: {why}")
 
 
 def load_scheduler_config(directory: Path) -> dict:
@@ -112,15 +175,18 @@ def unet_network(unet, time_scale: float, null_class: int | None):
 
 
 def load_unet_denoiser(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                       null_class: int | None = None) -> tuple[Denoiser, SchedulerMapping]:
+                       null_class: int | None = None, model: str | None = None) -> tuple[Denoiser, SchedulerMapping]:
     """Load ``directory/unet`` + ``directory/scheduler`` as a Denoiser (read-only, eval mode).
 
     For class-conditional UNets `null_class` is the embedding index trained as "no class" (used by
-    classifier-free guidance); the served classes are then 0..num_class_embeds-1 without it."""
+    classifier-free guidance); the served classes are then 0..num_class_embeds-1 without it.  The
+    scheduler's `clip_sample` / `thresholding` become the Denoiser's data clip.  `model` names errors."""
     from diffusers import UNet2DModel
 
     directory = Path(directory)
-    mapping = map_scheduler_config(load_scheduler_config(directory))
+    config = load_scheduler_config(directory)
+    mapping = map_scheduler_config(config, model)
+    refuse_pixel_grid_fields(config, model)
     require_safetensors(directory / "unet", "unet")
     unet = UNet2DModel.from_pretrained(directory / "unet", use_safetensors=True, local_files_only=True,
                                        torch_dtype=dtype)
@@ -132,4 +198,5 @@ def load_unet_denoiser(directory: str | Path, device: str = "cpu", dtype: torch.
     num_classes = None if embeds is None else (embeds - 1 if null_class is not None else embeds)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     net = unet_network(unet, mapping.time_scale, null_class)
-    return Denoiser(net, mapping.process, mapping.prediction, shape, num_classes, mapping.kind), mapping
+    return Denoiser(net, mapping.process, mapping.prediction, shape, num_classes, mapping.kind,
+                    mapping.data_clip), mapping

@@ -34,7 +34,8 @@ class LoadedModel:
 
 
 def _load_unet(entry: ModelEntry, device: str) -> LoadedModel:
-    denoiser, mapping = load_unet_denoiser(entry.directory, device=device, null_class=entry.null_class)
+    denoiser, mapping = load_unet_denoiser(entry.directory, device=device, null_class=entry.null_class,
+                                          model=entry.name)
     if mapping.kind != entry.kind:
         raise ValueError(f"model {entry.name!r}: config says kind {entry.kind!r} but its scheduler config is "
                          f"a {mapping.kind} model")
@@ -69,7 +70,8 @@ def _load_masked(entry: ModelEntry, device: str) -> LoadedModel:
     if family.kind != entry.kind:
         raise ValueError(f"model {entry.name!r}: config says kind {entry.kind!r} but its checkpoint is a "
                          f"{family.kind} model")
-    return LoadedModel(entry, load_text_diffusion(entry.directory, device=device))
+    return LoadedModel(entry, load_text_diffusion(entry.directory, device=entry.device or device,
+                                                  dtype=getattr(torch, entry.dtype)))
 
 
 LOADERS: dict[str, Callable[[ModelEntry, str], LoadedModel]] = {

@@ -56,6 +56,44 @@ PREDICTIONS = {"eps": eps_to_x0, "v": v_to_x0, "x0": x0_to_x0, "velocity": veloc
 
 
 @dataclass(frozen=True)
+class ClipData:
+    """Clip the data prediction to [-limit, limit] (DDPM / DDIM schedulers' `clip_sample`)."""
+
+    limit: float = 1.0
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-self.limit, self.limit)
+
+
+@dataclass(frozen=True)
+class DynamicThreshold:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen sec. 2.3): per sample, s = the `ratio` quantile of
+    |x0|, kept in [1, max_value]; x0 is clipped to [-s, s] and divided by s."""
+
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        s = torch.quantile(x0.reshape(x0.shape[0], -1).abs(), self.ratio, dim=1).clamp(1.0, self.max_value)
+        s = _bcast(s, x0)
+        return torch.minimum(torch.maximum(x0, -s), s) / s
+
+
+class Unclipped:
+    """A model's data prediction before its data clip: guidance combines these and clips the result, as
+    diffusers' schedulers clip the guided prediction.  Wrappers that count calls define `prediction_call`."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def network_call(self, x, sigma, cond=None) -> NetworkCall:
+        split = getattr(type(self.model), "prediction_call", None)
+        if split is None:
+            raise TypeError(f"{type(self.model).__name__} has a data clip but no prediction_call")
+        return split(self.model, x, sigma, cond)
+
+
+@dataclass(frozen=True)
 class Denoiser:
     """Data-prediction denoiser in VE coordinates over a network in its own parameterization.
 
@@ -68,6 +106,7 @@ class Denoiser:
     shape: tuple[int, ...]
     num_classes: int | None = None
     kind: str = "diffusion"
+    data_clip: Callable[[torch.Tensor], torch.Tensor] | None = None  # ClipData | DynamicThreshold, on x0_hat
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -83,7 +122,12 @@ class Denoiser:
 
     def network_call(self, x: torch.Tensor, sigma, cond=None) -> NetworkCall:
         """The batchable call: this denoiser over per-sample rows (x, sigma, cond).  The adapter's arithmetic
-        runs once per batched forward, not once per request."""
+        runs once per batched forward, not once per request; the data clip, if any, per request after it."""
+        call = self.prediction_call(x, sigma, cond)
+        return call if self.data_clip is None else call.then(self.data_clip)
+
+    def prediction_call(self, x: torch.Tensor, sigma, cond=None) -> NetworkCall:
+        """The data prediction before the data clip (what guidance combines)."""
         return NetworkCall(self.denoise, (x, torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0]), cond))
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,8 +161,11 @@ class ClassifierFreeGuidance:
         """Both halves in one network call: rows [x | x] under [cond | null], then the guided combination."""
         if cond is None:
             raise InvalidRequest("guidance needs a class label per sample")
-        both = paired_call(self.model, x, sigma, *guidance_halves(cond))
-        return both.then(lambda pair: self.combine(x, cond, *pair))
+        clip = getattr(self.model, "data_clip", None)  # diffusers' schedulers clip the guided prediction
+        model = self.model if clip is None else Unclipped(self.model)
+        both = paired_call(model, x, sigma, *guidance_halves(cond))
+        guided = both.then(lambda pair: self.combine(x, cond, *pair))
+        return guided if clip is None else guided.then(clip)
 
     def combine(self, x, cond, d_cond, d_uncond):
         guided = d_uncond + self.scale * (d_cond - d_uncond)

@@ -8,6 +8,8 @@ beside it.
 
 A search call runs ``searches`` independent searches (one per seed) as the batch dimension; every search
 in a call spends the same, so a model call's rows are split evenly and the budget is per search.
+Masked samplers are the exception: they call the network only on the sequences still changing, so the
+searches of one call spend unevenly; their rows are pooled and NFE per search is the mean (rounded up).
 The charge happens before the network runs: a call that would overspend raises BudgetExceeded and
 never reaches the model.
 """
@@ -19,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from samplers.calls import NetworkCall, evaluate
-from samplers.denoiser import guidance_halves, paired_call
+from samplers.calls import NetworkCall, evaluate, evaluate_logits
+from samplers.denoiser import Unclipped, guidance_halves, paired_call
 from samplers.errors import BudgetExceeded
 
 
@@ -33,6 +35,7 @@ class Budget:
     nfe: int = 0
     network_passes: int = 0
     verifier_calls: int = 0
+    rows: int = 0  # NFE rows charged, all searches together
     started: float = field(default_factory=time.perf_counter)
 
     def _per_search(self, rows: int, what: str) -> int:
@@ -42,11 +45,18 @@ class Budget:
 
     def charge(self, rows: int) -> None:
         """Spend rows / searches NFE per search, or raise BudgetExceeded without spending anything."""
-        n = self._per_search(rows, "model call")
-        if self.nfe + n > self.limit:
-            raise BudgetExceeded(f"budget_nfe: spending {n} more NFE would exceed the budget of {self.limit} "
-                                 f"({self.nfe} spent)")
-        self.nfe += n
+        self._per_search(rows, "model call")
+        self.charge_pooled(rows)
+
+    def charge_pooled(self, rows: int) -> None:
+        """Spend `rows` that need not split evenly over the searches (a masked sampler's call): NFE per search
+        becomes ceil(all rows / searches); raise BudgetExceeded without spending anything past the limit."""
+        nfe = -(-(self.rows + rows) // self.searches)
+        if nfe > self.limit:
+            raise BudgetExceeded(f"budget_nfe: spending {nfe - self.nfe} more NFE would exceed the budget of "
+                                 f"{self.limit} ({self.nfe} spent)")
+        self.rows += rows
+        self.nfe = nfe
 
     def count_passes(self, rows: int) -> None:
         self.network_passes += self._per_search(rows, "network pass")
@@ -75,6 +85,10 @@ class _PassCounter:
     def network_call(self, x, sigma, cond=None) -> NetworkCall:
         self.budget.count_passes(x.shape[0])
         return evaluate(self.model, x, sigma, cond)
+
+    def prediction_call(self, x, sigma, cond=None) -> NetworkCall:  # before a data clip (guidance clips after)
+        self.budget.count_passes(x.shape[0])
+        return Unclipped(self.model).network_call(x, sigma, cond)
 
 
 class CountedModel:
@@ -106,6 +120,16 @@ class CountedModel:
 
     def __call__(self, x, sigma, cond=None):
         return self.network_call(x, sigma, cond).run()
+
+    def logits_call(self, tokens, cond=None) -> NetworkCall:
+        """A masked model's call (samplers/masked.py), charged by its rows, pooled over the searches (1 NFE and
+        1 network pass per row: masked models take no classifier-free guidance here)."""
+        self.budget.charge_pooled(tokens.shape[0])
+        self.budget.network_passes = self.budget.nfe
+        return evaluate_logits(self.base, tokens, cond)
+
+    def logits(self, tokens, cond=None):
+        return self.logits_call(tokens, cond).run()
 
     def pair(self, x, sigma, cond) -> NetworkCall:
         """The call of (D(x | cond), D(x | no class or negative prompt)) in one batched forward; 1 NFE per row."""

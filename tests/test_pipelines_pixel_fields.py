@@ -1,4 +1,4 @@
-"""The pixel-UNet loader refuses flow-scheduler fields and thresholding it cannot map (issue 14, item 2)."""
+"""The pixel-UNet loader refuses flow-scheduler fields it cannot map and maps thresholding (issue 14, item 2)."""
 
 import pytest
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -16,7 +16,11 @@ def test_flow_fields_are_refused_by_name(field, value):
         map_scheduler_config(dict(config, **{field: value}))
 
 
-def test_thresholding_is_refused_by_name():
+def test_thresholding_maps_to_a_dynamic_threshold_and_is_refused_where_the_scheduler_ignores_it():
+    from samplers.denoiser import DynamicThreshold
+
     config = dict(DDPMScheduler().config, _class_name="DDPMScheduler")
-    with pytest.raises(UnsupportedConfig, match="'thresholding'"):
-        map_scheduler_config(dict(config, thresholding=True))
+    mapped = map_scheduler_config(dict(config, thresholding=True, sample_max_value=2.0))
+    assert mapped.data_clip == DynamicThreshold(0.995, 2.0)
+    with pytest.raises(UnsupportedConfig, match="model 'cat': scheduler config field 'thresholding'"):
+        map_scheduler_config(dict(config, _class_name="EulerDiscreteScheduler", thresholding=True), "cat")

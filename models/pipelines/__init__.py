@@ -8,6 +8,7 @@ local files only, no checkpoint code is run; unsupported components are errors n
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -64,4 +65,7 @@ def load_pipeline(directory: str | Path, model: str, dtype: str | torch.dtype = 
         if dtype not in DTYPES:
             raise UnsupportedConfig(f"model {model!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    return loaders[family](directory, model, dtype=dtype, device=device)
+    pipeline = loaders[family](directory, model, dtype=dtype, device=device)
+    if pipeline.schedule.data_clip is None:
+        return pipeline
+    return replace(pipeline, denoiser=replace(pipeline.denoiser, data_clip=pipeline.schedule.data_clip))

@@ -150,6 +150,7 @@ class LatentDenoiser:
     time_scale: float = 1.0
     shape: tuple[int, ...] | None = None  # the default size's latent shape
     num_classes: int | None = None
+    data_clip: Callable[[torch.Tensor], torch.Tensor] | None = None  # the scheduler's clip_sample / thresholding
 
     @property
     def sigma_min(self) -> float:
@@ -160,14 +161,22 @@ class LatentDenoiser:
         return self.process.kappa_max
 
     def network_call(self, x: torch.Tensor, sigma, cond=None) -> NetworkCall:
-        """The raw network on x_t = alpha x at t(sigma), then the parameterization adapter to x0."""
+        """The raw network on x_t = alpha x at t(sigma), the parameterization adapter to x0, the data clip."""
+        return self._clipped(self.prediction_call(x, sigma, cond))
+
+    def prediction_call(self, x: torch.Tensor, sigma, cond=None) -> NetworkCall:
+        """x0_hat before the data clip (what guidance combines before clipping, as diffusers' schedulers do)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
         t = self.process.t_of_kappa(sigma)
         return self._call(x * _bcast(self.process.alpha(t), x), t, cond, x.dtype)
 
-    def prior_call(self, noise: torch.Tensor, cond=None) -> NetworkCall:
+    def prior_call(self, noise: torch.Tensor, cond=None, clip: bool = True) -> NetworkCall:
         """x0_hat from pure noise at t = 1 of a rectified flow (kappa = inf), where VE coordinates end."""
-        return self._call(noise, torch.ones(noise.shape[0], dtype=torch.float64), cond, noise.dtype)
+        call = self._call(noise, torch.ones(noise.shape[0], dtype=torch.float64), cond, noise.dtype)
+        return self._clipped(call) if clip else call
+
+    def _clipped(self, call: NetworkCall) -> NetworkCall:
+        return call if self.data_clip is None else call.then(self.data_clip)
 
     def _call(self, x_t, t, cond, dtype) -> NetworkCall:
         alpha, sig = _bcast(self.process.alpha(t), x_t), _bcast(self.process.sigma(t), x_t)
@@ -209,11 +218,12 @@ class PromptGuidance:
     def network_call(self, x, sigma, cond) -> NetworkCall:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
         xx, both = self._both(x, cond)
-        return self.model.network_call(xx, torch.cat([sigma, sigma]), both).then(self._combine)
+        guided = self.model.prediction_call(xx, torch.cat([sigma, sigma]), both).then(self._combine)
+        return self.model._clipped(guided)
 
     def prior_call(self, noise, cond) -> NetworkCall:
         xx, both = self._both(noise, cond)
-        return self.model.prior_call(xx, both).then(self._combine)
+        return self.model._clipped(self.model.prior_call(xx, both, clip=False).then(self._combine))
 
     def __call__(self, x, sigma, cond=None):
         return self.network_call(x, sigma, cond).run()

@@ -11,6 +11,7 @@ diffusers user; any other sampler uses the rule of the checkpoint's own schedule
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,14 @@ from samplers import spacing
 from samplers.errors import InvalidRequest
 from samplers.processes import DiscreteVP, Process, RectifiedFlow
 
-from ..diffusers_loader import FLOW_SCHEDULERS, PREDICTION_TYPES, VP_SCHEDULERS, UnsupportedConfig
+from ..diffusers_loader import (
+    CLIP_CLASSES,
+    FLOW_SCHEDULERS,
+    PREDICTION_TYPES,
+    VP_SCHEDULERS,
+    UnsupportedConfig,
+    data_clip_of,
+)
 from ..diffusers_loader import map_scheduler_config as _vp_process
 
 SAMPLER_RULES = {"euler": "euler", "ddim": "ddim", "dpmpp_2m": "dpm", "dpmpp_3m": "dpm", "dpmpp_3m_exact": "dpm",
@@ -37,13 +45,11 @@ VP_CLASSES = VP_SCHEDULERS | {"EulerAncestralDiscreteScheduler"}
 
 # (field, value that is fine): anything else is refused, because the math would silently differ.
 _FALSE_OR_DEFAULT = {
-    "clip_sample": False, "thresholding": False, "rescale_betas_zero_snr": False, "use_beta_sigmas": False,
+    "rescale_betas_zero_snr": False, "use_beta_sigmas": False,
     "use_lu_lambdas": False, "use_flow_sigmas": False, "invert_sigmas": False, "stochastic_sampling": False,
     "timestep_type": "discrete", "interpolation_type": "linear", "sigma_min": None, "sigma_max": None,
 }
 _WHY = {
-    "clip_sample": "clipping the data prediction is not applied by our samplers",
-    "thresholding": "dynamic thresholding is not applied by our samplers",
     "rescale_betas_zero_snr": "zero terminal SNR is not supported",
     "use_beta_sigmas": "beta-distributed sigmas are not supported",
     "use_lu_lambdas": "Lu's lambda spacing is not supported (use our uniform_lambda grid)",
@@ -96,6 +102,7 @@ class Schedule:
     config: dict
     sigmas: str = "default"  # default | karras | exponential
     flow_start: str = "scheduler"  # "scheduler" or "pipeline_linspace" (FLUX passes linspace(1, 1/n, n))
+    data_clip: Callable | None = None  # the own scheduler's clip_sample / thresholding on x0_hat
 
     def rule(self, sampler: str) -> str:
         return SAMPLER_RULES.get(sampler, CLASS_RULES.get(self.config.get("_class_name"), "dpm"))
@@ -105,10 +112,10 @@ class Schedule:
             return spacing.flow_kappas(self.flow_times(steps, image_seq_len))
         rule = self.rule(sampler)
         config = {**RULE_DEFAULTS[rule], **self.config}
-        if rule == "ddim" and "clip_sample" not in config:
+        if rule == "ddim" and "clip_sample" not in config and config.get("_class_name") not in CLIP_CLASSES:
             raise InvalidRequest(f"model {self.model!r}: scheduler config field 'clip_sample' is missing, and "
-                                    "diffusers' DDIM then clips the data prediction to [-1, 1], which our samplers "
-                                    f"do not apply; sampler {sampler!r} is refused on this model (use euler)")
+                                 "diffusers' DDIM then clips the data prediction to [-1, 1], which this model's own "
+                                 f"scheduler does not; sampler {sampler!r} is refused on this model (use euler)")
         table = self.process.kappa(torch.arange(len(self.process.betas), dtype=torch.float64)).numpy()
         if rule == "ddim":
             final = "zero" if config["set_alpha_to_one"] else "sigma_min"
@@ -141,6 +148,7 @@ def map_schedule(config: dict, model: str, flow_start: str = "scheduler") -> Sch
         raise UnsupportedConfig(f"model {model!r}: scheduler config field '_class_name' = {cls!r} is not one of "
                                 f"{sorted(VP_CLASSES | FLOW_SCHEDULERS)}")
     _refuse_unmapped(config, model)
+    clip = data_clip_of(config, model)
     karras, expo = bool(config.get("use_karras_sigmas")), bool(config.get("use_exponential_sigmas"))
     if karras and expo:
         raise UnsupportedConfig(f"model {model!r}: scheduler config fields 'use_karras_sigmas' and "
@@ -156,7 +164,7 @@ def map_schedule(config: dict, model: str, flow_start: str = "scheduler") -> Sch
                                     "must lie in (0, 1)")
         # a wide time range: at hundreds of steps the second level of a shifted grid lies above t = 0.999
         return Schedule(model, RectifiedFlow(t_min=1e-6, t_max=1 - 1e-7), "velocity", "flow", dict(config), sigmas,
-                        flow_start)
+                        flow_start, clip)
     _choice(config, model, "timestep_spacing", spacing.SPACINGS, "leading")
     _choice(config, model, "final_sigmas_type", ("zero", "sigma_min", None), "zero")
     try:
@@ -166,4 +174,4 @@ def map_schedule(config: dict, model: str, flow_start: str = "scheduler") -> Sch
     process = mapping.process
     if not isinstance(process, DiscreteVP):
         raise UnsupportedConfig(f"model {model!r}: scheduler config does not describe a discrete VP process")
-    return Schedule(model, process, mapping.prediction, "diffusion", dict(config), sigmas, flow_start)
+    return Schedule(model, process, mapping.prediction, "diffusion", dict(config), sigmas, flow_start, clip)

@@ -108,6 +108,8 @@ def load(directory: Path, model: str, dtype: torch.dtype = torch.float32, device
 
 
 def _scheduler_config(directory: Path) -> dict:
+    """StableDiffusionPipeline.__init__ rewrites an outdated scheduler config: steps_offset -> 1 and
+    clip_sample -> false (so its DDIM / DDPM never clip x0_hat); so do we."""
     from ..diffusers_loader import load_scheduler_config
 
-    return load_scheduler_config(directory)
+    return dict(load_scheduler_config(directory), steps_offset=1, clip_sample=False)

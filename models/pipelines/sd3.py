@@ -89,21 +89,29 @@ def load(directory: Path, model: str, dtype: torch.dtype = torch.float32, device
     found = check_components(directory, index, CLASSES, model,
                              ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), OPTIONAL)
     schedule = map_schedule(load_scheduler_config(directory), model)
-    transformer = load_component(SD3Transformer2DModel, directory, "transformer", dtype, device)
-    clip_1 = load_component(CLIPTextModelWithProjection, directory, "text_encoder", dtype, device)
-    clip_2 = load_component(CLIPTextModelWithProjection, directory, "text_encoder_2", dtype, device)
-    tok_1 = load_tokenizer(CLIPTokenizer, directory, "tokenizer")
-    tok_2 = load_tokenizer(CLIPTokenizer, directory, "tokenizer_2")
-    t5 = tok_3 = None
+    parts = {"transformer": load_component(SD3Transformer2DModel, directory, "transformer", dtype, device),
+             "text_encoder": load_component(CLIPTextModelWithProjection, directory, "text_encoder", dtype, device),
+             "text_encoder_2": load_component(CLIPTextModelWithProjection, directory, "text_encoder_2", dtype, device),
+             "tokenizer": load_tokenizer(CLIPTokenizer, directory, "tokenizer"),
+             "tokenizer_2": load_tokenizer(CLIPTokenizer, directory, "tokenizer_2"),
+             "vae": load_component(AutoencoderKL, directory, "vae", dtype, device)}
     if found["text_encoder_3"] is not None:
-        t5 = load_component(T5EncoderModel, directory, "text_encoder_3", dtype, device)
-        tok_3 = load_tokenizer(AutoTokenizer, directory, "tokenizer_3")
-    vae = load_component(AutoencoderKL, directory, "vae", dtype, device)
+        parts["text_encoder_3"] = load_component(T5EncoderModel, directory, "text_encoder_3", dtype, device)
+        parts["tokenizer_3"] = load_tokenizer(AutoTokenizer, directory, "tokenizer_3")
+    return assemble(model, schedule, parts, dtype)
+
+
+def assemble(model: str, schedule, parts: dict, dtype: torch.dtype = torch.float32) -> LatentPipeline:
+    """The served pipeline over already-loaded components (`parts`: the pipeline's component names; T5 may be
+    absent or None).  `bench families` uses it to share one in-memory copy with diffusers' pipeline."""
+    transformer, vae = parts["transformer"], parts["vae"]
+    tok_1, tok_2, tok_3 = parts["tokenizer"], parts["tokenizer_2"], parts.get("tokenizer_3")
+    t5 = parts.get("text_encoder_3")
     length = tok_1.model_max_length
 
     def tokenize(prompts: list[str]) -> dict[str, torch.Tensor]:
         tokens = {"ids_1": padded_ids(tok_1, prompts, length), "ids_2": padded_ids(tok_2, prompts, length)}
-        if tok_3 is not None:
+        if t5 is not None:
             tokens["ids_3"] = padded_ids(tok_3, prompts, MAX_T5)
         return tokens
 
@@ -116,6 +124,6 @@ def load(directory: Path, model: str, dtype: torch.dtype = torch.float32, device
 
     denoiser = LatentDenoiser(transformer_net(transformer), schedule.process, "velocity", latent_shape, "flow",
                               float(schedule.config.get("num_train_timesteps", 1000)), latent_shape(size, size))
-    text = TextConditioner(tokenize, sd3_encoder(clip_1, clip_2, t5, transformer.config.joint_attention_dim))
-    return LatentPipeline(model, "sd3", text, denoiser, make_decoder(vae, dtype), schedule, factor, (size, size),
-                          default_steps=28, default_guidance=7.0, patch=patch)
+    encoder = sd3_encoder(parts["text_encoder"], parts["text_encoder_2"], t5, transformer.config.joint_attention_dim)
+    return LatentPipeline(model, "sd3", TextConditioner(tokenize, encoder), denoiser, make_decoder(vae, dtype),
+                          schedule, factor, (size, size), default_steps=28, default_guidance=7.0, patch=patch)
