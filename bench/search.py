@@ -175,7 +175,12 @@ def main(quick: bool = False) -> dict:
         if not quick:
             RESULTS.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"key": key, "rows": rows[first:]}, indent=1) + "\n")
+    from .search_t2i import rows as t2i_rows
+
+    t2i = t2i_rows(quick, _print_t2i_row)
+    rows += t2i
     _plot(rows, RESULTS / ("search_quick.png" if quick else "search.png"))
+    _plot_t2i(t2i, RESULTS / ("search_t2i_quick.png" if quick else "search_t2i.png"))
     return {"steps": STEPS, "classes": list(classes), "seeds_per_class": seeds_per_class, "rows": rows}
 
 
@@ -193,12 +198,56 @@ def _print_row(r: dict) -> None:
           f"{r['diversity']:>7.3f} {r['seconds']:>8.3f}", flush=True)
 
 
+def _print_t2i_row(r: dict) -> None:
+    if not getattr(_print_t2i_row, "started", False):
+        print(f"\n{'model':<12} {'setting':<8} {'method':<26} {'B':>5} {'nfe':>5} {'satisfied':>9} {'acc_b':>6} "
+              f"{'reward_a':>9} {'reward_b':>9} {'fd':>7} {'divers.':>7} {'s/sample':>8}")
+        _print_t2i_row.started = True
+    print(f"{r['model']:<12} {r['setting']:<8} {r['method']:<26} {r['budget_nfe']:>5} {r['nfe']:>5} "
+          f"{r['satisfied']:>9.3f} {r['acc_b']:>6.3f} {r['reward_a']:>9.3f} {r['reward_b']:>9.3f} {r['fd']:>7.2f} "
+          f"{r['diversity']:>7.3f} {r['seconds']:>8.3f}", flush=True)
+
+
+def _plot_t2i(rows: list[dict], path: Path) -> None:
+    """digits-t2i: prompt satisfaction (held-out B + measured attributes) vs budget, and the FKC products."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2))
+    prompt = [r for r in rows if r["setting"] == "prompt"]
+    for method in dict.fromkeys(r["method"] for r in prompt):
+        pts = sorted((r["budget_nfe"], r["satisfied"]) for r in prompt if r["method"] == method)
+        if method.startswith("plain"):
+            left.axhline(pts[0][1], ls="--", lw=1, color="gray" if method == "plain" else "black",
+                         label=f"{method} ({pts[0][0]} NFE)")
+        else:
+            left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("NFE budget per sample")
+    left.set_ylabel("prompts satisfied (classifier B + attributes)")
+    left.set_title("digits-t2i: prompted search, guidance 1, two-attribute prompts", fontsize=10)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    product = [r for r in rows if r["setting"] == "product"]
+    right.barh([r["method"] for r in product], [r["satisfied"] for r in product])
+    right.set_xlabel('"a bold seven" satisfied (classifier B + bold)')
+    right.set_title('FKC product "a seven" x "bold 7" vs CFG on the joint prompt', fontsize=10)
+    right.set_xlim(0, 1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["setting"] in ("verifier", "cfg")]
     models = sorted({r["model"] for r in rows})
     panels = [("verifier", "reward_a", "verifier-steered: classifier A (guide)"),
               ("verifier", "reward_b", "verifier-steered: classifier B (held out)"),
