@@ -7,6 +7,9 @@ Class-balanced labels, no guidance (on these digits guidance raises FD), 100 sam
 A full run keeps each model's cells in bench/results/quality_rows_<model>.json and reuses them while that
 model's weights, the samplers/ code and this file are unchanged (retraining one zoo model costs only its
 rows). Threads: OMP_NUM_THREADS when set, else 2.
+
+The text-to-image zoo model's rows (`rows` in the JSON: per sampler and NFE ours vs diffusers, guidance sweep,
+negative prompt, momentum under strong guidance) come from bench/_quality_t2i.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench import _quality_t2i as t2i
 from models.config import load_config
 from models.loading import load_model
 from samplers import REGISTRY, SampleNoise, initial_noise, make_grid, run_sampler, with_guidance
@@ -153,7 +157,11 @@ def main(quick: bool = False) -> dict:
     print(f"floor (train split vs held-out): {floor:.3f}; {n} class-balanced real training digits vs held-out "
           f"(the floor at this cell size, median of 5 draws): {floor_at_n:.3f}; {time.perf_counter() - start:.0f} s")
     _plot(results, floor, floor_at_n, n, RESULTS / ("quality_quick.png" if quick else "quality.png"))
-    return {"fd": results, "floor": floor, "floor_at_n": floor_at_n, "samples_per_cell": n, "accuracy": accuracy}
+    rows = t2i.run(quick)
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    t2i.plot(rows, RESULTS / "quality_t2i_quick.png" if quick else docs / "quality_t2i.png")
+    return {"fd": results, "floor": floor, "floor_at_n": floor_at_n, "samples_per_cell": n, "accuracy": accuracy,
+            "rows": rows}
 
 
 def _real_floor_at(n: int, draws: int = 5) -> float:
