@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+from search.digit_prompt import DIGIT_WORDS, ink_mass, slant  # the measurements the served verifiers use too
+
+WORDS = list(DIGIT_WORDS)
 INK_Q = (1 / 3, 2 / 3)
 SLANT_Q = (0.25, 0.75)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -33,21 +35,6 @@ def upsample(x8: torch.Tensor) -> torch.Tensor:
 def to_classifier(x16: torch.Tensor) -> torch.Tensor:
     """16x16 images in [-1, 1] -> the classifiers' 8x8 input (2x2 mean), clamped to [-1, 1]."""
     return F.avg_pool2d(x16.float().clamp(-1, 1), 2)
-
-
-def ink_mass(x8: torch.Tensor) -> torch.Tensor:
-    return ((x8.clamp(-1, 1) + 1) / 2).flatten(1).mean(1)
-
-
-def slant(x8: torch.Tensor) -> torch.Tensor:
-    p = ((x8.clamp(-1, 1) + 1) / 2)[:, 0]
-    h, w = p.shape[-2:]
-    dy = -(torch.arange(h, dtype=p.dtype) - (h - 1) / 2).view(1, h, 1).expand_as(p)
-    dx = (torch.arange(w, dtype=p.dtype) - (w - 1) / 2).view(1, 1, w).expand_as(p)
-    m = p.sum((1, 2)).clamp_min(1e-6)
-    cx, cy = (p * dx).sum((1, 2)) / m, (p * dy).sum((1, 2)) / m
-    ddx, ddy = dx - cx.view(-1, 1, 1), dy - cy.view(-1, 1, 1)
-    return (p * ddx * ddy).sum((1, 2)) / (p * ddy * ddy).sum((1, 2)).clamp_min(1e-6)
 
 
 def attribute_thresholds(x8: torch.Tensor, y: torch.Tensor) -> dict:
