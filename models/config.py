@@ -5,12 +5,13 @@
     [[models]]
     name = "digits-ddpm"           # what requests use; they never carry paths
     directory = "digits-ddpm"      # relative to the first root that holds it
-    kind = "diffusion"             # diffusion | flow | meanflow | masked; optional for a diffusers pipeline
+    kind = "diffusion"             # diffusion | flow | meanflow | masked | block_diffusion; optional for a diffusers
+                                   # pipeline
                                    # directory (model_index.json: sd, sdxl, sd3, flux, dit, pixart)
     dtype = "float32"              # float32 | float16 | bfloat16 (optional)
     device = "cuda:0"              # optional; default: the server's device
-    default_sampler = "dpmpp_2m"
-    default_steps = 10
+    default_sampler = "dpmpp_2m"   # text LMs: their family's when left out (llada, first_hitting,
+    default_steps = 10             #   block_first_hitting, block_refinement x 48; models/diffusion_lms.py)
     guidance = 2.0                 # optional default classifier-free guidance scale
     null_class = 10                # class-embedding index trained as "no class"
 
@@ -64,8 +65,9 @@ def _entry(raw: dict, roots: list[Path], index: int) -> ModelEntry:
     dtype, device = _dtype_and_device(raw, where)
     known = {"name", "directory", "kind", "default_sampler", "default_steps", "guidance", "null_class", "grid",
              "dtype", "device"}
-    return ModelEntry(raw["name"], directory, kind, raw.get("default_sampler", "dpmpp_2m"),
-                      int(raw.get("default_steps", 10)), raw.get("guidance"), raw.get("null_class"),
+    sampler, steps = _lm_defaults(directory) if kind in ("masked", "block_diffusion") else ("dpmpp_2m", 10)
+    return ModelEntry(raw["name"], directory, kind, raw.get("default_sampler", sampler),
+                      int(raw.get("default_steps", steps)), raw.get("guidance"), raw.get("null_class"),
                       raw.get("grid", "uniform_lambda"), {k: v for k, v in raw.items() if k not in known},
                       family, dtype, device)
 
@@ -98,6 +100,17 @@ def _kind_and_family(raw: dict, directory: Path, where: str) -> tuple[str, str |
         raise ConfigError(f"{where}.kind: {kind!r} contradicts the directory's model_index.json ({cls}: a "
                           f"{FAMILY_KINDS[family]} model of family {family!r})")
     return FAMILY_KINDS[family], family
+
+
+def _lm_defaults(directory: Path) -> tuple[str, int]:
+    """A text diffusion checkpoint's default sampler and steps, from its family (models/diffusion_lms.py)."""
+    from .diffusion_lms import family_of
+
+    try:
+        family = family_of(directory)
+    except ValueError:  # no config.json: the loader says so, with the entry's name
+        return "first_hitting", 10
+    return family.default_sampler, family.default_steps
 
 
 def _dtype_and_device(raw: dict, where: str) -> tuple[str, str | None]:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from samplers.calls import NetworkCall
+
 from .masked_lm import CheckpointError, _check_weights
+from .padded import PaddedTokens
 
 
 class DiffusionGemmaLM:
@@ -31,6 +34,7 @@ class DiffusionGemmaLM:
         self.length = int(text.max_position_embeddings)
         eos = text.eos_token_id
         self.eos_id = eos[0] if isinstance(eos, list) else eos
+        self.pad_id = int(text.pad_token_id) if text.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
 
     def canvas_logits(self, context: torch.Tensor, canvas: torch.Tensor, sc_logits: torch.Tensor,
@@ -45,6 +49,31 @@ class DiffusionGemmaLM:
                              self_conditioning_mask=sc_mask.to(dev), decoder_position_ids=positions)
         return out.logits.float().cpu()
 
+    def canvas_call(self, context: torch.Tensor, canvas: torch.Tensor, sc_logits: torch.Tensor,
+                    sc_mask: torch.Tensor) -> NetworkCall:
+        """The network call of `canvas_logits`: calls with other context lengths join it left-padded."""
+        return NetworkCall(self.padded_canvas_logits,
+                           (PaddedTokens.of(context, self.pad_id, left=True), canvas, sc_logits, sc_mask))
+
+    def padded_canvas_logits(self, context: PaddedTokens, canvas: torch.Tensor, sc_logits: torch.Tensor,
+                             sc_mask: torch.Tensor) -> torch.Tensor:
+        """`canvas_logits` over left-padded contexts: padded keys masked in the encoder and the decoder, each
+        row's positions shifted so its real tokens sit where they would alone."""
+        keys = context.key_mask()
+        if keys is None:
+            return self.canvas_logits(context.ids, canvas, sc_logits, sc_mask)
+        dev, width = self.device, context.ids.shape[1]
+        shift = (width - context.lengths)[:, None]
+        positions = (torch.arange(width)[None] - shift).clamp(min=0)
+        canvas_positions = context.lengths[:, None] + torch.arange(canvas.shape[1])[None]
+        decoder_keys = torch.cat([keys, torch.ones_like(canvas, dtype=torch.bool)], 1)
+        with torch.inference_mode():
+            out = self.model(input_ids=context.ids.to(dev), attention_mask=keys.long().to(dev),
+                             position_ids=positions.to(dev), decoder_input_ids=canvas.to(dev),
+                             self_conditioning_logits=sc_logits.to(dev), self_conditioning_mask=sc_mask.to(dev),
+                             decoder_attention_mask=decoder_keys.to(dev), decoder_position_ids=canvas_positions.to(dev))
+        return out.logits.float().cpu()
+
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """Prompt ids of a chat through the processor's chat template, with the generation prompt."""
         if self.processor is None:
@@ -53,13 +82,24 @@ class DiffusionGemmaLM:
                                                  return_dict=True, return_tensors="pt")
         return enc["input_ids"][0].tolist()
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A user prompt's ids: through the chat template when the processor has one, else the plain text
+        (with the tokenizer's special tokens, BOS for Gemma)."""
+        if self.processor is None:
+            raise CheckpointError("this DiffusionGemma checkpoint has no processor / tokenizer")
+        if getattr(self.processor, "chat_template", None):
+            return self.chat_ids([{"role": "user", "content": prompt}])
+        return list(self._tokenizer()(prompt, add_special_tokens=True)["input_ids"])
+
+    def _tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
     def decode(self, ids) -> str:
         """Text up to (not including) the first EOS."""
         ids = [int(i) for i in ids]
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer().decode(ids, skip_special_tokens=True)
 
 
 def load_diffusion_gemma(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32

@@ -35,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samplers.calls import NetworkCall
+
 from .masked_lm import CheckpointError, _check_weights
+from .padded import PaddedTokens
 
 PREFIX = "model.transformer."
 DEFAULT_MASK_ID = 126336  # <|mdm_mask|> in LLaDA's tokenizer
@@ -250,6 +253,25 @@ class LLaDALM:
         """(B, L) ids -> (B, L, V) float32 logits on the CPU; `cond` is unused (the prompt is in tokens)."""
         with torch.inference_mode():
             return self.model(tokens.to(self.device)).float().cpu()
+
+    def logits_call(self, tokens: torch.Tensor, cond=None) -> NetworkCall:
+        """The network call of `logits`: calls of other lengths join it right-padded (models/padded.py)."""
+        length = tokens.shape[1]
+        return NetworkCall(self.padded_logits, (PaddedTokens.of(tokens, self.mask_id),),
+                           lambda out: out[:, :length])
+
+    def padded_logits(self, tokens: PaddedTokens) -> torch.Tensor:
+        mask = tokens.key_mask()
+        with torch.inference_mode():
+            out = self.model(tokens.ids.to(self.device), None if mask is None else mask.to(self.device))
+        return out.float().cpu()
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A user prompt's ids: through the chat template when the tokenizer has one (LLaDA-Instruct), else
+        the plain text (the base model continues it)."""
+        if self._tok().chat_template:
+            return self.chat_ids([{"role": "user", "content": prompt}])
+        return self.encode(prompt)
 
     def encode(self, text: str) -> list[int]:
         return self._tok().encode(text, add_special_tokens=False)

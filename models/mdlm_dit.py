@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samplers.calls import NetworkCall
+
 from .masked_lm import CheckpointError, _check_weights
+from .padded import PaddedTokens
 
 PREFIX = "backbone."
 MODEL_TYPES = ("mdlm", "bd3lm")
@@ -158,13 +161,21 @@ class MDLMDiT(nn.Module):
         self.blocks = nn.ModuleList(DDiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = DDitFinalLayer(config)
 
-    def attention_mask(self, n: int, device) -> torch.Tensor | None:
-        if self.config.block_size is None:
-            return None
-        block = torch.arange(n, device=device) // self.config.block_size
-        return block[:, None] >= block[None, :]  # query block >= key block
+    def attention_mask(self, n: int, device, key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The (L, L) block-causal mask (None: bidirectional), and with `key_mask` (B, L) the padded keys
+        hidden too: (B, 1, L, L)."""
+        mask = None
+        if self.config.block_size is not None:
+            block = torch.arange(n, device=device) // self.config.block_size
+            mask = block[:, None] >= block[None, :]  # query block >= key block
+        if key_mask is None:
+            return mask
+        keys = key_mask.to(device).bool()[:, None, None, :]
+        return keys if mask is None else keys & mask
 
-    def forward(self, ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, sigma: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` (B, L), True = attend: right-padding is ignored (our addition; the published code has none)."""
         n = ids.shape[1]
         x = self.vocab_embed(ids)
         c = None  # adaln=False (a BD3-LM ablation): no conditioning at all
@@ -176,7 +187,7 @@ class MDLMDiT(nn.Module):
         angles = torch.outer(positions, inv_freq(self.head_dim).to(ids.device))
         angles = torch.cat((angles, angles), -1)
         sin, cos = angles.sin().to(x.dtype), angles.cos().to(x.dtype)
-        mask = self.attention_mask(n, ids.device)
+        mask = self.attention_mask(n, ids.device, key_mask)
         for block in self.blocks:
             x = block(x, c, sin, cos, mask)
         return self.output_layer(x, c)
@@ -243,11 +254,41 @@ class DiTMaskedLM:
         with torch.inference_mode():
             return self.model(tokens.to(self.device)).float().cpu()
 
+    def logits_call(self, tokens: torch.Tensor, cond=None) -> NetworkCall:
+        """The network call of `logits`: calls of other lengths join it right-padded (models/padded.py)."""
+        length = tokens.shape[1]
+        return NetworkCall(self.padded_logits, (PaddedTokens.of(tokens, self.mask_id),),
+                           lambda out: out[:, :length])
+
+    def padded_logits(self, tokens: PaddedTokens) -> torch.Tensor:
+        mask = tokens.key_mask()
+        with torch.inference_mode():
+            return self.model(tokens.ids.to(self.device), key_mask=mask).float().cpu()
+
+    @property
+    def eos_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_token_id", None)
+
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._tok().encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt's ids: MDLM / BD3-LM are not chat models, so the plain text after BOS (their sequences
+        start with it), which the answer continues."""
+        bos = getattr(self._tok(), "bos_token_id", None)
+        return ([bos] if bos is not None else []) + self.encode(prompt)
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
+        """Text of ids, stopping at the first EOS (end of text)."""
+        ids = [int(i) for i in ids]
+        if self.eos_id is not None and self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self._tok().decode(ids)
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise CheckpointError("this MDLM / BD3-LM checkpoint has no tokenizer.json")
+        return self.tokenizer
 
 
 def load_mdlm_dit(path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DiTMaskedLM:

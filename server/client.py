@@ -161,9 +161,10 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
                                        "model's")
     parser.add_argument("--option", action="append", default=[], type=option, metavar="KEY=VALUE",
                         help="sampler option, VALUE as JSON (e.g. eta=0.5); repeatable")
-    parser.add_argument("--prompt", help="text-to-image models: the prompt; chat LMs (LLaDA): the user message; "
-                                         "other masked (text) models: a text template in which the mask token "
-                                         "marks positions to fill")
+    parser.add_argument("--prompt", help="text-to-image models: the prompt; text LMs (LLaDA, MDLM / BD3-LM, "
+                                         "DiffusionGemma): the user message (through the chat template where the "
+                                         "model has one); other masked (text) models: a text template in which "
+                                         "the mask token marks positions to fill")
     parser.add_argument("--negative-prompt", help="text-to-image models: what to steer away from (the "
                                                   "unconditional half of guidance)")
     parser.add_argument("--height", type=positive_int, help="text-to-image models: image height in pixels "
@@ -171,7 +172,7 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=positive_int, help="text-to-image models: image width in pixels "
                                                            "(default: the model's)")
     parser.add_argument("--max-new-tokens", type=positive_int,
-                        help="chat LMs (LLaDA): tokens to generate after the prompt (default 128)")
+                        help="text LMs: tokens to generate after the prompt (default 128)")
     parser.add_argument("--distilled-guidance", type=float,
                         help="FLUX-dev: the distilled guidance value (its own input, not --guidance)")
     parser.add_argument("--search", help="test-time search method instead of one sampler run (e.g. best_of_n, "

@@ -73,8 +73,6 @@ def to_request(pb, request, entry) -> GenerateRequest:
         guidance = entry.guidance
     if guidance is not None and not math.isfinite(guidance):
         raise InvalidRequest("guidance: must be finite")
-    if request.preview_every and request.format == pb.TEXT:
-        raise InvalidRequest("preview_every: previews are images; not available with TEXT output")
     search = None
     if request.HasField("search"):
         spec = request.search
@@ -139,9 +137,11 @@ def to_response(pb, name: str, out, fmt: int, png_scale: int = 1):
 
 def model_info(pb, entry, served):
     model = served.loaded.model
-    masked = entry.kind == "masked"
     if entry.family is not None:  # a latent pipeline (models/pipelines)
         return _pipeline_info(pb, entry, served)
+    if entry.kind == "block_diffusion":
+        return _block_info(pb, entry, served)
+    masked = entry.kind == "masked"
     shape = [model.length] if masked else list(model.shape)
     info = pb.ModelInfo(name=entry.name, kind=entry.kind, shape=shape,
                         num_classes=getattr(model, "num_classes", None) or 0,
@@ -155,10 +155,20 @@ def model_info(pb, entry, served):
         info.layout, info.mask_token_id = "L", int(model.mask_id)
         info.mask_token = getattr(tokenizer, "mask_token", None) or ""
         info.tokenizer = _tokenizer_name(tokenizer)
-        info.takes_prompt = hasattr(model, "chat_ids")  # a chat LM (LLaDA): `prompt` + max_new_tokens
+        info.takes_prompt = hasattr(model, "prompt_ids")  # a text LM: `prompt` + max_new_tokens
     else:
         info.layout, info.value_min, info.value_max = "CHW", -1.0, 1.0
     return info
+
+
+def _block_info(pb, entry, served):
+    """ModelInfo of a block-diffusion LM (DiffusionGemma): token output, a prompt, no mask token."""
+    model = served.loaded.model
+    tokenizer = getattr(model.processor, "tokenizer", model.processor)
+    return pb.ModelInfo(name=entry.name, kind=entry.kind, shape=[model.length], default_sampler=entry.default_sampler,
+                        default_steps=entry.default_steps, backend=served.backend, ready=served.ready,
+                        vocab_size=model.vocab_size, layout="L", mask_token_id=-1,
+                        tokenizer=_tokenizer_name(tokenizer), takes_prompt=True)
 
 
 def _pipeline_info(pb, entry, served):

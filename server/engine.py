@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from models.config import lookup
 from samplers import REGISTRY
 from samplers.calls import NetworkCall
@@ -73,6 +75,8 @@ class Request:
 def warm_up_request(loaded) -> GenerateRequest:
     """The smallest request a model takes: one sample, one step (masked FHS: its own steps), its input."""
     entry, model = loaded.entry, loaded.model
+    if entry.kind == "block_diffusion":  # one step of one canvas after a short prompt
+        return GenerateRequest(entry.default_sampler, 1, n=1, prompt="warm-up", max_new_tokens=model.canvas_length)
     if entry.kind == "masked":
         steps = None if REGISTRY[entry.default_sampler].one_step_per_mask else 1
         if hasattr(model, "chat_ids"):  # a chat LM: a short answer, one block of LLaDA's default 32 tokens
@@ -90,6 +94,7 @@ class StepLoop:
     def __init__(self, name: str, max_batch: int):
         self.name, self.max_batch = name, max_batch
         self.forwards = 0  # forward passes run (tests and benchmarks read it)
+        self._threads = torch.get_num_threads()  # the creator's: OpenMP gives a new thread its own default
         self._inbox: list[Request] = []
         self._active: list[Request] = []
         self._cv = threading.Condition()
@@ -111,6 +116,7 @@ class StepLoop:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)  # the same float reductions as a library call in the creating thread
         while True:
             with self._cv:
                 while not self._inbox and not self._active and not self._stopped:

@@ -3,7 +3,9 @@
 Every tensor argument of a `NetworkCall` carries one row per sample on dim 0 (noise levels and labels
 too), so calls of different requests concatenate row-wise, and a sample's result does not depend on its
 batch.  Arguments may be None, scalars (expanded to one value per row), tensors, lists (one item per
-row), or dicts and tuples of these (the conditioning of text-to-image pipelines).
+row), or dicts and tuples of these (the conditioning of text-to-image pipelines).  An argument may also
+join itself: an object with `batch_rows()`, `batch_layout()` and a classmethod `batch_join(items)` (token
+sequences of different lengths, padded with a key mask: models/padded.py).
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ def rows(call: NetworkCall) -> int:
     return _rows_of(call.args)
 
 
+def _joins_itself(arg: Any) -> bool:
+    return hasattr(arg, "batch_join") and hasattr(arg, "batch_layout") and hasattr(arg, "batch_rows")
+
+
 def _rows(arg: Any) -> int | None:
     if isinstance(arg, torch.Tensor) and arg.ndim >= 1:
         return arg.shape[0]
+    if _joins_itself(arg):
+        return arg.batch_rows()
     if isinstance(arg, dict | tuple):
         for value in arg.values() if isinstance(arg, dict) else arg:
             n = _rows(value)
@@ -35,6 +43,8 @@ def _rows(arg: Any) -> int | None:
 def _layout(arg: Any, n: int) -> Any:
     if arg is None:
         return None
+    if _joins_itself(arg):
+        return ("joins", type(arg), arg.batch_layout())
     if isinstance(arg, torch.Tensor) and arg.ndim >= 1 and arg.shape[0] == n:
         return (tuple(arg.shape[1:]), arg.dtype)
     if isinstance(arg, dict):
@@ -73,6 +83,8 @@ def _join(column: list, sizes: list[int]) -> Any:
     first = column[0]
     if first is None:
         return None
+    if _joins_itself(first):
+        return type(first).batch_join(column)
     if isinstance(first, dict):
         return {k: _join([c[k] for c in column], sizes) for k in first}
     if isinstance(first, tuple):

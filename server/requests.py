@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from samplers.errors import InvalidRequest
+from samplers.hooks import StepInfo
 from samplers.noise import MAX_SEED
+
+PLACEHOLDER = "\u2591"  # a text preview's still-masked position (light shade, never a token's text)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class GenerateRequest:
     height: int | None = None
     width: int | None = None
     distilled_guidance: float | None = None  # FLUX-dev's guidance input
-    max_new_tokens: int | None = None  # chat LMs (LLaDA): tokens generated after the prompt
+    max_new_tokens: int | None = None  # text LMs (LLaDA, MDLM / BD3-LM, DiffusionGemma): tokens after the prompt
 
     def sample_seeds(self) -> list[int]:
         if self.seeds is not None:
@@ -64,3 +68,14 @@ class GenerateResult:
     seeds: list[int]
     texts: list[str] | None = None
     rewards: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class TextStep(StepInfo):
+    """A text model's step: the StepInfo plus `previews()`, each sample's answer so far as text with
+    PLACEHOLDER at every position still masked (rendered on demand, outside the step loop)."""
+
+    render: Callable[[torch.Tensor], list[str]] | None = None
+
+    def previews(self) -> list[str]:
+        return [] if self.render is None else self.render(self.x)

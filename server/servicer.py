@@ -12,6 +12,7 @@ from samplers.hooks import StepInfo
 from . import convert
 from .engine import Engine
 from .images import grid_png
+from .requests import TextStep
 
 
 def _cancel_event(context) -> threading.Event:
@@ -37,6 +38,11 @@ def output_format(pb, fmt: int) -> str | None:
 def make_servicer(pb, pb_grpc, engine: Engine):
     def progress_event(info, every: int, scale: int = 1):
         """A Progress event for a StepInfo (sampler step) or a SearchProgress (NFE of the budget)."""
+        if isinstance(info, TextStep):  # a text model: its answers so far, every step (or every k-th)
+            progress = pb.Progress(step=info.step + 1, steps=info.steps, nfe=info.nfe)
+            if not every or (info.step + 1) % every == 0 or info.step + 1 == info.steps:
+                progress.preview_texts.extend(info.previews())
+            return pb.GenerateEvent(progress=progress)
         if isinstance(info, StepInfo):
             progress = pb.Progress(step=info.step + 1, steps=info.steps, nfe=info.nfe)
             preview = info.x0_hat if every and (info.step + 1) % every == 0 else None
