@@ -21,6 +21,9 @@ Adaptive stopping (DiffusionGemma's released setting): a sample's canvas is fina
 prediction was unchanged for `stability_threshold` steps and its mean per-token entropy is below
 `confidence_threshold` (0 turns it off); it then leaves the batch for the rest of the canvas.
 
+Hook: StepInfo.x is the sequence so far with -1 at canvas positions that are still noise (block_refinement's
+uncommitted ones; every position before a canvas's last step for the other two), x0_hat the current canvas.
+
 Model contract: `canvas_logits(context, canvas, sc_logits, sc_mask) -> (B, C, V)` float logits, plus
 `canvas_length`, `vocab_size`, `eos_id`. Randomness: sample k draws from its own stream k with the same
 torch calls, in the same order, as diffusers' DiffusionGemmaPipeline does for a batch of one (canvas
@@ -150,11 +153,13 @@ def canvas_decode(model, prompt: torch.Tensor, cond: Any, *, steps: int, noise: 
                 gen = gens[live[r]]
                 canvas[r], committed[r], pred[j] = step_fn(logits[j], canvas[r], committed[r], step, steps, gen)
             sc[rows], has_sc[rows] = pred, True
-            if hook is not None:
-                preview = out.clone()
-                preview[live, end:end + length] = canvas
-                report(hook, c * steps + step, canvases * steps, 1 - step / steps, 1 - (step + 1) / steps, preview,
-                       preview)
+            if hook is not None:  # x: positions still noise (not committed, before the last step) are -1
+                estimate = out.clone()
+                estimate[live, end:end + length] = canvas
+                settled = out.clone()
+                settled[live, end:end + length] = canvas if step == steps - 1 else canvas.masked_fill(~committed, -1)
+                report(hook, c * steps + step, canvases * steps, 1 - step / steps, 1 - (step + 1) / steps, settled,
+                       estimate)
             if confidence_threshold > 0:
                 argmax = pred.argmax(-1)
                 stable = (history[:, rows] == argmax[None]).all(-1).all(0)

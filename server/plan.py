@@ -109,14 +109,14 @@ def make_plan(loaded, request: GenerateRequest, limits: Limits = Limits(), *, ou
         _check_output(output, kind)
     if loaded.entry.family is not None:
         return _plan_pipeline(loaded, request, limits, seeds, output, png_scale, resources)
-    lm = kind in TEXT_KINDS and takes_prompt(model)
+    if kind == "block_diffusion":
+        return _plan_block(loaded, request, limits, seeds, output)
+    lm = kind == "masked" and takes_prompt(model)
     if (request.prompt and not lm) or request.negative_prompt or request.height or request.width:
         field = "prompt" if request.prompt or request.negative_prompt else "height, width"
         raise InvalidRequest(f"{field}: model {loaded.name!r} is not a text-to-image pipeline or a text LM")
     if request.max_new_tokens is not None and not (lm and request.prompt):
         raise InvalidRequest(f"max_new_tokens: model {loaded.name!r} takes it with a `prompt` only")
-    if kind == "block_diffusion":
-        return _plan_block(loaded, request, limits, seeds, output)
     if limits.max_response_bytes is not None:  # refuse what the client could not receive, before compute
         shape = (model.length,) if kind == "masked" else tuple(model.shape)
         check_response_size(kind, shape, n, output or ("text" if kind == "masked" else "png"), png_scale,

@@ -107,7 +107,8 @@ def test_machine_batches_rows_and_checks_input(setup):
     machine = block_diffusion_machine("block_refinement", lm, ids, steps=2, noise=SampleNoise([0, 1]),
                                       options={"gen_length": 8, "confidence_threshold": 0.0})
     call = next(machine)
-    assert call.args[0].shape == (2, 3) and call.args[1].shape == (2, CANVAS) and call.args[2].shape == (2, CANVAS, V)
+    assert call.args[0].ids.shape == (2, 3)  # the context, padded when it joins other lengths (models/padded.py)
+    assert call.args[1].shape == (2, CANVAS) and call.args[2].shape == (2, CANVAS, V)
     assert not call.args[3].any()  # no self-conditioning on the first step
     call = machine.send(call.run())
     assert call.args[3].all()

@@ -189,7 +189,7 @@ def test_sample_is_the_same_alone_or_in_a_batch_and_machine_yields_one_call_per_
     try:
         call = next(machine)
         while True:
-            assert call.args[0].shape == (6, 10)  # conditional and unconditional rows in one call
+            assert call.args[0].ids.shape == (6, 10)  # conditional and unconditional rows in one call
             calls += 1
             call = machine.send(call.run())
     except StopIteration as stop:
