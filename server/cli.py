@@ -121,7 +121,8 @@ def cmd_generate(args) -> int:
                               (entry.guidance if args.class_label is not None or text_to_image else None),
                               grid=args.grid, options=dict(args.option), search=_search_request(args),
                               **_prompt_fields(args, loaded))
-    with tqdm(total=request.steps, desc=f"{entry.name} {request.sampler}", unit="step", leave=False,
+    what = request.search.method if request.search else request.sampler
+    with tqdm(total=request.steps, desc=f"{entry.name} {what}", unit="step", leave=False,
               disable=args.quiet) as bar:
         def progress(info):
             if hasattr(info, "budget_nfe"):  # a search: NFE spent of the budget
