@@ -182,12 +182,13 @@ def tiny_dit(directory: Path, seed: int = 0):
     return pipe
 
 
-def tiny_pixart(directory: Path, seed: int = 0):
-    """A PixArtSigmaPipeline: 2-layer PixArtTransformer2DModel (learned sigma) over a tiny T5."""
+def tiny_pixart(directory: Path, seed: int = 0, sample_size: int = 8):
+    """A PixArtSigmaPipeline: 2-layer PixArtTransformer2DModel (learned sigma) over a tiny T5 (sample size 32:
+    diffusers' 256 aspect-ratio bins apply)."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+    transformer = PixArtTransformer2DModel(sample_size=sample_size, num_layers=2, patch_size=2, attention_head_dim=8,
                                            num_attention_heads=3, caption_channels=32, in_channels=4,
                                            cross_attention_dim=24, out_channels=8, attention_bias=True,
                                            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,

@@ -178,3 +178,34 @@ def test_the_prompt_cache_is_bounded():
     for prompt in ("a", "b", "a", "c"):
         cache.put(prompt, {"x": torch.zeros(1)})
     assert len(cache) == 2 and cache.get("b") is None and cache.get("a") is not None
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_guidance_rescale_equals_diffusers(both, sampler):
+    """guidance_rescale 0.7 (Lin et al. 2024): diffusers rescales the guided eps / v to the conditional std."""
+    _, theirs, ours = both
+    theirs.scheduler = SCHEDULERS[sampler].from_config(theirs.scheduler.config)
+    latents = _latents()
+    kw = dict(height=H, width=W, num_inference_steps=STEPS, guidance_scale=7.0)
+    expected = theirs(prompt=PROMPTS, negative_prompt=["a dog", "b"], latents=latents.clone(), output_type="pt",
+                      guidance_rescale=0.7, **kw).images
+    plain = theirs(prompt=PROMPTS, negative_prompt=["a dog", "b"], latents=latents.clone(), output_type="pt",
+                   **kw).images
+    result = generate(ours, PipelineRequest(seeds=[0, 1], prompts=PROMPTS, negative_prompts=["a dog", "b"], height=H,
+                                            width=W, steps=STEPS, sampler=sampler, guidance=7.0, latents=latents,
+                                            guidance_rescale=0.7))
+    assert (result.images / 2 + 0.5 - expected).abs().max().item() <= 1e-4
+    assert (plain - expected).abs().max().item() > 1e-3  # the rescale changes the images
+
+
+@pytest.mark.parametrize("value,match", [(1.5, r"\[0, 1\]"), ("x", r"\[0, 1\]"), (True, r"\[0, 1\]")])
+def test_bad_guidance_rescale_is_refused(both, value, match):
+    from samplers.errors import InvalidRequest
+
+    _, _, ours = both
+    with pytest.raises(InvalidRequest, match=f"guidance_rescale: .*{match}"):
+        generate(ours, PipelineRequest(seeds=[0], prompts=["a"], height=H, width=W, steps=2, guidance=5.0,
+                                       guidance_rescale=value))
+    with pytest.raises(InvalidRequest, match="guidance_rescale: needs classifier-free guidance"):
+        generate(ours, PipelineRequest(seeds=[0], prompts=["a"], height=H, width=W, steps=2, guidance=1.0,
+                                       guidance_rescale=0.5))

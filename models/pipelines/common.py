@@ -200,6 +200,7 @@ class PromptGuidance:
 
     model: LatentDenoiser
     scale: float
+    rescale: float = 0.0  # guidance_rescale (SD / SDXL): 0 = plain CFG
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -218,8 +219,28 @@ class PromptGuidance:
     def network_call(self, x, sigma, cond) -> NetworkCall:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
         xx, both = self._both(x, cond)
-        guided = self.model.prediction_call(xx, torch.cat([sigma, sigma]), both).then(self._combine)
+        call = self.model.prediction_call(xx, torch.cat([sigma, sigma]), both)
+        guided = call.then(lambda out: self._rescaled(x, sigma, out)) if self.rescale else call.then(self._combine)
         return self.model._clipped(guided)
+
+    def _rescaled(self, x, sigma, out):
+        """Guidance rescale (Lin et al. 2024, "Common diffusion noise schedules...", eq. 15-16, diffusers'
+        rescale_noise_cfg) on the network's own output (eps or v): the guided output scaled to the per-sample
+        std of the conditional one, mixed by `rescale`.  The output is recovered from x0_hat through the
+        adapter, affine per sample: x0 = base + slope * output."""
+        d_cond, d_uncond = out.chunk(2)
+        t = self.model.process.t_of_kappa(sigma)
+        x_t = x * _bcast(self.model.process.alpha(t), x)
+        alpha, sig = _bcast(self.model.process.alpha(t), x), _bcast(self.model.process.sigma(t), x)
+        to_x0 = PREDICTIONS[self.model.prediction]
+        base = to_x0(x_t, torch.zeros_like(x), alpha, sig, self.model.process)
+        slope = to_x0(torch.zeros_like(x), torch.ones_like(x), alpha, sig, self.model.process)
+        o_cond, o_uncond = (d_cond - base) / slope, (d_uncond - base) / slope
+        o_cfg = o_uncond + self.scale * (o_cond - o_uncond)
+        dims = list(range(1, x.ndim))
+        ratio = o_cond.std(dim=dims, keepdim=True) / o_cfg.std(dim=dims, keepdim=True)
+        o_cfg = self.rescale * o_cfg * ratio + (1 - self.rescale) * o_cfg
+        return base + slope * o_cfg
 
     def prior_call(self, noise, cond) -> NetworkCall:
         xx, both = self._both(noise, cond)
@@ -240,14 +261,34 @@ class VaeDecoder:
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         """The batchable decode network (the decoder object itself, so calls group by identity)."""
+        return self.unclamped(latents).clamp(-1, 1)
+
+    def unclamped(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.to(torch.float32) / self.scaling_factor + self.shift_factor
         device = next(self.vae.parameters()).device
         with torch.inference_mode():
             image = self.vae.decode(z.to(device=device, dtype=self.dtype)).sample
-        return image.float().clamp(-1, 1).cpu()
+        return image.float().cpu()
 
-    def decode_call(self, latents: torch.Tensor) -> NetworkCall:
-        return NetworkCall(self, (latents.to(torch.float32),))
+    def decode_call(self, latents: torch.Tensor, size: tuple[int, int] | None = None) -> NetworkCall:
+        """Decode; with `size` (resolution binning) the decoded image is resized and center-cropped to it
+        before the clamp to [-1, 1], as diffusers resizes the raw decoder output."""
+        if size is None:
+            return NetworkCall(self, (latents.to(torch.float32),))
+        return NetworkCall(self.unclamped, (latents.to(torch.float32),)).then(
+            lambda images: resize_and_crop(images, *size).clamp(-1, 1))
+
+
+def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale (bilinear, half-pixel centers) until the image covers height x width, then crop the center."""
+    h, w = images.shape[-2:]
+    if (h, w) == (height, width):
+        return images
+    scale = max(height / h, width / w)
+    rh, rw = int(h * scale), int(w * scale)
+    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return images[..., top:top + height, left:left + width]
 
 
 def vae_decoder(vae, dtype: torch.dtype) -> VaeDecoder:

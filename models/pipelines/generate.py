@@ -23,6 +23,8 @@ from samplers.noise import SampleNoise
 from .common import NEG, PromptGuidance, flow_prior_step, stack_rows
 from .pipeline import LatentPipeline
 
+RESCALE_FAMILIES = ("sd", "sdxl")  # the diffusers pipelines with a guidance_rescale argument
+
 
 @dataclass(frozen=True)
 class PipelineRequest:
@@ -43,6 +45,7 @@ class PipelineRequest:
     options: dict = field(default_factory=dict)
     latents: torch.Tensor | None = None
     distilled_guidance: float | None = None  # FLUX-dev's guidance embedding
+    guidance_rescale: float | None = None  # SD / SDXL: diffusers' guidance_rescale in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,21 @@ def request_extras(request: PipelineRequest) -> dict:
     return {"distilled_guidance": request.distilled_guidance}
 
 
+def guidance_rescale(pipeline: LatentPipeline, request: PipelineRequest, guided: bool) -> float:
+    """The request's guidance_rescale, checked: a number in [0, 1], on a family whose pipeline has it."""
+    value = request.guidance_rescale
+    if value is None or value == 0:
+        return 0.0
+    if pipeline.family not in RESCALE_FAMILIES:
+        raise InvalidRequest(f"guidance_rescale: model {pipeline.name!r} ({pipeline.family}) has no guidance rescale "
+                             f"(families: {', '.join(RESCALE_FAMILIES)})")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InvalidRequest(f"guidance_rescale: must be a number in [0, 1], got {str(value)[:100]!r}")
+    if not guided:
+        raise InvalidRequest("guidance_rescale: needs classifier-free guidance (guidance > 1)")
+    return float(value)
+
+
 def _class_cond(pipeline, request, n, guided):
     labels = request.class_labels
     if labels is None or len(labels) not in (1, n):
@@ -139,9 +157,9 @@ def denoise(sampler: str, model, x, sigmas, cond, noise, hook, options, kind) ->
 def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: Hook | None = None
                      ) -> StepMachine[PipelineResult]:
     """Conditioning -> denoising -> VAE decoding for one request; yields every network call."""
-    height = request.height or pipeline.default_size[0]
-    width = request.width or pipeline.default_size[1]
-    pipeline.check_size(height, width)
+    asked = (request.height or pipeline.default_size[0], request.width or pipeline.default_size[1])
+    pipeline.check_size(*asked)
+    height, width = pipeline.generation_size(*asked)  # PixArt: the aspect-ratio bin, resized back after decoding
     steps = pipeline.default_steps if request.steps is None else request.steps
     registry.validate(request.sampler, steps, request.options, pipeline.denoiser.kind)  # before any grid math
     n = len(request.seeds)
@@ -150,7 +168,8 @@ def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: H
     scale = pipeline.default_guidance if request.guidance is None else float(request.guidance)
     guided = scale is not None and scale > 1.0
     cond = yield from condition(pipeline, request, n, guided, height, width)
-    model = PromptGuidance(pipeline.denoiser, scale) if guided else pipeline.denoiser
+    rescale = guidance_rescale(pipeline, request, guided)
+    model = PromptGuidance(pipeline.denoiser, scale, rescale) if guided else pipeline.denoiser
     sigmas = pipeline.grid(steps, request.sampler, height, width)
     noise = SampleNoise(request.seeds, torch.float64)
     shape = pipeline.latent_shape(height, width)
@@ -175,5 +194,5 @@ def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: H
     last = float(sigmas[-1])
     if last > 0:  # a grid ending above 0 (DDIM without set_alpha_to_one) decodes x_t, as diffusers does
         x = x * pipeline.denoiser.process.alpha(pipeline.denoiser.process.t_of_kappa(torch.tensor(last)))
-    images = yield pipeline.decoder.decode_call(x)
+    images = yield pipeline.decoder.decode_call(x, None if asked == (height, width) else asked)
     return PipelineResult(images, x, nfe, tuple(int(s) for s in request.seeds))

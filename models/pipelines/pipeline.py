@@ -12,6 +12,8 @@ from samplers.errors import InvalidRequest
 from .common import LatentDenoiser, TextConditioner, VaeDecoder
 from .schedule import Schedule
 
+MAX_BINNED_SIDE = 4096  # a binned request is resized back to its own size: bound what that may allocate
+
 
 @dataclass(frozen=True, eq=False)
 class LatentPipeline:
@@ -44,6 +46,12 @@ class LatentPipeline:
         return self.text is not None
 
     def check_size(self, height: int, width: int) -> None:
+        if self.info.get("bins"):  # any size: generated at its aspect-ratio bin, resized back
+            for key, value in (("height", height), ("width", width)):
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_BINNED_SIDE:
+                    raise InvalidRequest(f"{key}: {value!r} must be an integer in [1, {MAX_BINNED_SIDE}] for model "
+                                         f"{self.name!r}")
+            return
         sizes = self.info.get("sizes")
         if sizes is not None and [height, width] not in [list(s) for s in sizes]:
             raise InvalidRequest(f"height, width: model {self.name!r} generates only at {sizes} (got "
@@ -53,6 +61,17 @@ class LatentPipeline:
             if isinstance(value, bool) or not isinstance(value, int) or value < step or value % step:
                 raise InvalidRequest(f"{key}: {value!r} must be a positive multiple of {step} for model "
                                      f"{self.name!r}")
+
+    def generation_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the model generates a (height, width) request at: the nearest aspect-ratio bin where the
+        family bins resolutions (PixArt's use_resolution_binning; the first of equally near bins, as
+        diffusers' min over its table), else the request's own size."""
+        bins = self.info.get("bins")
+        if not bins:
+            return height, width
+        ratio = height / width
+        h, w = bins[min(bins, key=lambda r: abs(float(r) - ratio))]
+        return int(h), int(w)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         return self.denoiser.latent_shape(height, width)
@@ -70,7 +89,8 @@ class LatentPipeline:
         return {"family": self.family, "kind": self.denoiser.kind, "takes_prompt": self.takes_prompt,
                 "num_classes": self.num_classes, "null_class": self.info.get("null_class"),
                 "default_height": self.default_size[0], "default_width": self.default_size[1],
-                "size_multiple": step, "sizes": self.info.get("sizes"), "default_steps": self.default_steps,
+                "size_multiple": 1 if self.info.get("bins") else step, "sizes": self.info.get("sizes"),
+                "resolution_binning": bool(self.info.get("bins")), "default_steps": self.default_steps,
                 "default_guidance": self.default_guidance,
                 "distilled_guidance": bool(self.info.get("distilled_guidance", False)),
                 "latent_channels": self.denoiser.shape[0] if self.denoiser.shape else None}

@@ -3,9 +3,10 @@
 Conventions of diffusers' PixArtSigmaPipeline: prompts lower-cased and stripped (its caption cleaning
 needs bs4 + ftfy and is off without them; we never run it), T5 over 300 tokens with the attention mask
 travelling per sample into the transformer's cross-attention; `added_cond_kwargs` resolution and aspect
-ratio are None (Sigma); with learned sigma the first C output channels are eps.  Resolution binning (a
-resize to the nearest trained aspect ratio and back) is not applied: we generate at the requested size,
-as diffusers does with use_resolution_binning=False.
+ratio are None (Sigma); with learned sigma the first C output channels are eps.  Resolution binning (its
+default): a request is generated at the nearest aspect-ratio bin of the transformer's sample size and the
+decoded image resized (bilinear) and center-cropped back to the requested size; sample sizes without a
+table (256 / 128 / 64 / 32) generate at the requested size.
 """
 
 from __future__ import annotations
@@ -82,6 +83,21 @@ def load(directory: Path, model: str, dtype: torch.dtype = torch.float32, device
 
     denoiser = LatentDenoiser(transformer_net(transformer, channels), schedule.process, schedule.prediction,
                               latent_shape, "diffusion", 1.0, latent_shape(size, size))
+    bins = aspect_ratio_bins(int(transformer.config.sample_size))
     return LatentPipeline(model, "pixart", TextConditioner(tokenize, t5_masked_encoder(t5)), denoiser,
                           make_decoder(vae, dtype), schedule, factor, (size, size), default_steps=20,
-                          default_guidance=4.5, patch=int(transformer.config.patch_size))
+                          default_guidance=4.5, patch=int(transformer.config.patch_size),
+                          info={"bins": bins} if bins else {})
+
+
+def aspect_ratio_bins(sample_size: int) -> dict | None:
+    """PixArt's aspect-ratio -> (height, width) table for the transformer's sample size (the tables diffusers'
+    PixArtSigmaPipeline picks with use_resolution_binning, read from the installed package), or None for a
+    sample size without one (diffusers then refuses binning; we generate at the requested size)."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+    tables = {256: sigma.ASPECT_RATIO_2048_BIN, 128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN,
+              32: alpha.ASPECT_RATIO_256_BIN}
+    table = tables.get(sample_size)
+    return None if table is None else {k: (int(v[0]), int(v[1])) for k, v in table.items()}
