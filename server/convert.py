@@ -102,8 +102,10 @@ def sample_protos(pb, result, fmt: int, png_scale: int = 1) -> list:
     times `png_scale`; rewards of searches).  Every sample carries its seed, seed 0 too."""
     samples = []
     if result.texts is not None:
-        for seed, row, text in zip(result.seeds, result.samples, result.texts):
+        for k, (seed, row, text) in enumerate(zip(result.seeds, result.samples, result.texts)):
             sample = pb.Sample(seed=seed, tokens=[int(t) for t in row])
+            if result.rewards is not None and math.isfinite(result.rewards[k]):
+                sample.reward = result.rewards[k]  # a search over a text model (best_of_n_masked)
             if fmt == pb.TENSOR:
                 sample.tensor.CopyFrom(tensor(pb, row.numpy().astype(np.int64)))
             else:
