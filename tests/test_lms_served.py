@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.config import load_config
-from models.diffusion_gemma import random_diffusion_gemma, word_tokenizer
+from models.diffusion_gemma import DiffusionGemmaLM, random_diffusion_gemma, word_tokenizer
 from models.llada import LLaDAConfig, LLaDAModel, save_llada
 from models.loading import load_model
 from models.mdlm_dit import DiTConfig, MDLMDiT, save_mdlm_dit
@@ -22,7 +22,9 @@ from samplers.masked import masked_sampler_machine
 from samplers.noise import SampleNoise
 from server.cli import main as cli_main
 from server.generation import GenerateRequest
+from server.layout import concat, split
 from server.requests import PLACEHOLDER
+from tests import test_diffusion_gemma as small_window
 from tests.server_fixtures import pb, running_server, stub_for
 
 V = 40
@@ -258,7 +260,6 @@ def test_padded_logits_equal_the_unpadded_ones(served):
         lm = loaded[name].model
         short, long = torch.randint(2, V - 1, (1, 11)), torch.randint(2, V - 1, (1, 29))
         calls = [lm.logits_call(short), lm.logits_call(long)]
-        from server.layout import concat, split
         out = split(calls[0].network(*concat([c.args for c in calls])), [1, 1])
         torch.testing.assert_close(calls[0].complete(out[0]), lm.logits(short), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(calls[1].complete(out[1]), lm.logits(long), rtol=1e-5, atol=1e-5)
@@ -268,7 +269,6 @@ def test_padded_logits_equal_the_unpadded_ones(served):
     canvases = [torch.randint(0, V, (1, CANVAS)) for _ in contexts]
     sc, has = torch.zeros(1, CANVAS, V), torch.zeros(1, dtype=torch.bool)
     calls = [gemma.canvas_call(c, x, sc, has) for c, x in zip(contexts, canvases)]
-    from server.layout import concat, split
     parts = split(calls[0].network(*concat([c.args for c in calls])), [1, 1])
     for context, canvas, part in zip(contexts, canvases, parts):
         torch.testing.assert_close(part, gemma.canvas_logits(context, canvas, sc, has), rtol=1e-4, atol=1e-4)
@@ -286,3 +286,20 @@ def test_a_stream_and_a_generate_of_different_lengths_run_side_by_side(served):
     got["unary"] = [s.text for s in stub.Generate(second).samples]
     thread.join(timeout=60)
     assert got["stream"] == alone[0] and got["unary"] == alone[1]
+
+
+def test_left_padded_contexts_longer_than_the_sliding_window_keep_their_logits():
+    """DiffusionGemma's sliding layers see the last W context tokens: left padding keeps them last (W = 8 here)."""
+    C, VG = small_window.CANVAS, small_window.V
+    lm = DiffusionGemmaLM(small_window.tiny_model(), small_window.tiny_tokenizer())
+    assert lm.model.config.get_text_config().sliding_window == 8
+    torch.manual_seed(3)
+    contexts = [torch.randint(3, VG, (1, n)) for n in (3, 13, 30)]
+    canvases = [torch.randint(0, VG, (1, C)) for _ in contexts]
+    previous = [torch.randn(1, C, VG) for _ in contexts]
+    has = torch.ones(1, dtype=torch.bool)
+    calls = [lm.canvas_call(*args, has) for args in zip(contexts, canvases, previous)]
+    parts = split(calls[0].network(*concat([c.args for c in calls])), [1, 1, 1])
+    for part, args in zip(parts, zip(contexts, canvases, previous)):
+        torch.testing.assert_close(part, lm.canvas_logits(*args, has), rtol=1e-4, atol=1e-4)
+        assert torch.equal(part.argmax(-1), lm.canvas_logits(*args, has).argmax(-1))
