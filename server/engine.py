@@ -79,7 +79,8 @@ def warm_up_request(loaded) -> GenerateRequest:
         return GenerateRequest(entry.default_sampler, 1, n=1, prompt="warm-up", max_new_tokens=model.canvas_length)
     if entry.kind == "masked":
         steps = None if REGISTRY[entry.default_sampler].one_step_per_mask else 1
-        if hasattr(model, "chat_ids"):  # a chat LM: a short answer, one block of LLaDA's default 32 tokens
+        if hasattr(model, "prompt_ids") and len(model.prompt_ids("warm-up")) + 32 <= model.length:
+            # a text LM: a short answer (one block of LLaDA's default 32), not FHS over all of MDLM's 1024 positions
             return GenerateRequest(entry.default_sampler, steps, n=1, prompt="warm-up", max_new_tokens=32)
         return GenerateRequest(entry.default_sampler, steps, n=1)
     if entry.family is not None:  # a latent pipeline: a prompt or a class label

@@ -303,3 +303,14 @@ def test_left_padded_contexts_longer_than_the_sliding_window_keep_their_logits()
     for part, args in zip(parts, zip(contexts, canvases, previous)):
         torch.testing.assert_close(part, lm.canvas_logits(*args, has), rtol=1e-4, atol=1e-4)
         assert torch.equal(part.argmax(-1), lm.canvas_logits(*args, has).argmax(-1))
+
+
+def test_warm_up_is_a_short_answer_not_the_whole_sequence(served):
+    """FHS over all of MDLM's positions would take model.length forwards; the warm-up answers 32 tokens."""
+    from server.engine import warm_up_request
+
+    _, _, loaded = served
+    for name in ("tiny-llada", "tiny-mdlm", "tiny-bd3lm"):
+        request = warm_up_request(loaded[name])
+        assert request.prompt == "warm-up" and request.max_new_tokens == 32
+    assert warm_up_request(loaded["tiny-gemma"]).max_new_tokens == CANVAS
