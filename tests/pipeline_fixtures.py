@@ -198,3 +198,22 @@ def tiny_pixart(directory: Path, seed: int = 0, sample_size: int = 8):
                                tokenizer=t5_tokenizer(), scheduler=DPMSolverMultistepScheduler())
     pipe.save_pretrained(directory, safe_serialization=True)
     return pipe
+
+
+def tiny_anyflow(directory: Path, seed: int = 0, shift: float = 3.0, deltatime_type: str = "r"):
+    """An AnyFlowPipeline (flow-map): 2-layer AnyFlowTransformer3DModel, tiny UMT5 and AutoencoderKLWan (8x)."""
+    from diffusers import AnyFlowPipeline, AnyFlowTransformer3DModel, AutoencoderKLWan, FlowMapEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = AnyFlowTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                            in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                            num_layers=2, rope_max_seq_len=32, deltatime_type=deltatime_type)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text = UMT5EncoderModel(UMT5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                       relative_attention_num_buckets=8))
+    pipe = AnyFlowPipeline(tokenizer=t5_tokenizer(), text_encoder=text.eval(), transformer=transformer.eval(),
+                           vae=vae.eval(), scheduler=FlowMapEulerDiscreteScheduler(shift=shift))
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe

@@ -25,9 +25,10 @@ FAMILIES = {
     "FluxPipeline": "flux",
     "DiTPipeline": "dit",
     "PixArtSigmaPipeline": "pixart",
+    "AnyFlowPipeline": "flowmap",
 }
 FAMILY_KINDS = {"sd": "diffusion", "sdxl": "diffusion", "sd3": "flow", "flux": "flow", "dit": "diffusion",
-                "pixart": "diffusion"}
+                "pixart": "diffusion", "flowmap": "meanflow"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,7 +45,7 @@ def _loaders() -> dict[str, Callable[..., LatentPipeline]]:
 
     loaders = {"sd": sd.load}
     for family, module in (("sd3", "sd3"), ("flux", "flux"), ("sdxl", "sdxl"), ("dit", "dit"),
-                           ("pixart", "pixart")):
+                           ("pixart", "pixart"), ("flowmap", "flowmap")):
         try:
             mod = __import__(f"{__name__}.{module}", fromlist=["load"])
         except ImportError:

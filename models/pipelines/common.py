@@ -175,6 +175,10 @@ class LatentDenoiser:
         call = self._call(noise, torch.ones(noise.shape[0], dtype=torch.float64), cond, noise.dtype)
         return self._clipped(call) if clip else call
 
+    def guided(self, scale: float, rescale: float = 0.0) -> PromptGuidance:
+        """This denoiser under prompt guidance (what a request with guidance > 1 samples)."""
+        return PromptGuidance(self, scale, rescale)
+
     def _clipped(self, call: NetworkCall) -> NetworkCall:
         return call if self.data_clip is None else call.then(self.data_clip)
 

@@ -20,7 +20,7 @@ from samplers.errors import InvalidRequest
 from samplers.hooks import Hook, report
 from samplers.noise import SampleNoise
 
-from .common import NEG, PromptGuidance, flow_prior_step, stack_rows
+from .common import NEG, flow_prior_step, stack_rows
 from .pipeline import LatentPipeline
 
 RESCALE_FAMILIES = ("sd", "sdxl")  # the diffusers pipelines with a guidance_rescale argument
@@ -169,7 +169,7 @@ def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: H
     guided = scale is not None and scale > 1.0
     cond = yield from condition(pipeline, request, n, guided, height, width)
     rescale = guidance_rescale(pipeline, request, guided)
-    model = PromptGuidance(pipeline.denoiser, scale, rescale) if guided else pipeline.denoiser
+    model = pipeline.denoiser.guided(scale, rescale) if guided else pipeline.denoiser
     sigmas = pipeline.grid(steps, request.sampler, height, width)
     noise = SampleNoise(request.seeds, torch.float64)
     shape = pipeline.latent_shape(height, width)
@@ -177,7 +177,10 @@ def generate_machine(pipeline: LatentPipeline, request: PipelineRequest, hook: H
     if tuple(eps.shape) != (n, *shape):
         raise InvalidRequest(f"latents: expected shape {(n, *shape)}, got {tuple(eps.shape)}")
     nfe = 0
-    if math.isinf(float(sigmas[0])):  # flow grids start at t = 1: one exact first-order step from noise
+    if pipeline.denoiser.kind == "meanflow":  # flow-map models: z = eps at t = 1 walks the times to 0 itself
+        x, nfe = yield from denoise(request.sampler, model, eps, sigmas, cond, noise, hook, request.options, "meanflow")
+        sigmas = sigmas[-1:]
+    elif math.isinf(float(sigmas[0])):  # flow grids start at t = 1: one exact first-order step from noise
         x0_hat = yield model.prior_call(eps, cond)
         x = flow_prior_step(x0_hat, eps, float(sigmas[1]))
         report(hook, 0, steps, math.inf, float(sigmas[1]), x, x0_hat)

@@ -57,10 +57,14 @@ class LatentPipeline:
             raise InvalidRequest(f"height, width: model {self.name!r} generates only at {sizes} (got "
                                  f"{height}x{width})")
         step = self.factor * self.patch
+        top = self.info.get("max_side")
         for key, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < step or value % step:
                 raise InvalidRequest(f"{key}: {value!r} must be a positive multiple of {step} for model "
                                      f"{self.name!r}")
+            if top is not None and value > top:
+                raise InvalidRequest(f"{key}: {value!r} exceeds {top}, the largest side model {self.name!r} "
+                                     "can generate")
 
     def generation_size(self, height: int, width: int) -> tuple[int, int]:
         """The size the model generates a (height, width) request at: the nearest aspect-ratio bin where the
