@@ -132,6 +132,10 @@ def _map(config: dict, model: str | None) -> SchedulerMapping:
                                 float(config.get("beta_end", 0.02))))
     if config.get("rescale_betas_zero_snr"):
         raise UnsupportedConfig("scheduler config field 'rescale_betas_zero_snr': zero terminal SNR is not supported")
+    variance = config.get("variance_type")
+    if variance not in (None, "fixed_small", "fixed_small_log", "learned", "learned_range"):
+        raise UnsupportedConfig(f"scheduler config field 'variance_type': {variance!r} is not supported (our "
+                                "stochastic samplers draw the posterior variance, DDPM's fixed_small)")
     return SchedulerMapping(DiscreteVP(tuple(betas)), PREDICTION_TYPES[prediction], "diffusion", 1.0,
                             data_clip=data_clip_of(config))
 

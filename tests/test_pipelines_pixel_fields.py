@@ -24,3 +24,10 @@ def test_thresholding_maps_to_a_dynamic_threshold_and_is_refused_where_the_sched
     assert mapped.data_clip == DynamicThreshold(0.995, 2.0)
     with pytest.raises(UnsupportedConfig, match="model 'cat': scheduler config field 'thresholding'"):
         map_scheduler_config(dict(config, _class_name="EulerDiscreteScheduler", thresholding=True), "cat")
+
+
+@pytest.mark.parametrize("value", ["fixed_large", "fixed_large_log", "learned_mystery"])
+def test_variance_types_our_samplers_do_not_draw_are_refused(value):
+    config = dict(DDPMScheduler().config, _class_name="DDPMScheduler", variance_type=value)
+    with pytest.raises(UnsupportedConfig, match="model 'cat': scheduler config field 'variance_type'"):
+        map_scheduler_config(config, "cat")
