@@ -7,7 +7,7 @@ once are rare under plain sampling, so the search does the work.
   * setting "prompt": guidance 1 (the model's conditional alone), T = 10 steps; "plain" is dpmpp_2m, one
     sample per seed (T NFE), "plain_cfg4" the same at the served default guidance 4; best_of_n, evosearch,
     rbf and fk_steering steered by the digit-prompt verifier (classifier A + soft attribute indicators)
-    at budgets T x {1, 4, 8, 16}.
+    at budgets T x {1, 4, 8, 16, 32}.
   * setting "product": "a seven" x "bold 7" (the trained phrasing; "bold" alone is no caption) as a
     Feynman-Kac product (fkc target product, 20 steps, K = 8 particles, beta 1 and the annealed beta 2, with
     and without the weights), against plain CFG on the joint prompt "a bold seven" at guidance 1 and 4.
@@ -29,7 +29,7 @@ PROMPTS = ("a thin zero, slanted left", "the digit 1, bold, slanted right", "thi
            "a thin six, slanted right", "the digit 7, bold, slanted left", "thin 8, slanted left",
            "a bold nine, slanted right")
 STEPS = 10
-MULTIPLES = (1, 4, 8, 16)
+MULTIPLES = (1, 4, 8, 16, 32)  # as the class-conditional rows
 METHODS = (("best_of_n", "best_of_n", {}), ("evosearch", "evosearch", {}),
            ("rbf", "rollover_budget_forcing", {}), ("fk_steering", "fk_steering", {}))
 PRODUCT = ("a seven", "bold 7", "a bold seven")
