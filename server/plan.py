@@ -386,6 +386,9 @@ def _plan_block(loaded, request: GenerateRequest, limits: Limits, seeds, output)
                              f"template")
     if request.class_label is not None or request.guidance not in (None, 1.0):
         raise InvalidRequest(f"class_label: model {loaded.name!r} takes a prompt, not a class label or guidance")
+    if request.negative_prompt or request.height or request.width or request.distilled_guidance is not None:
+        raise InvalidRequest(f"prompt: model {loaded.name!r} is a text LM: a prompt and max_new_tokens, no "
+                             f"negative prompt or image size")
     if request.grid is not None:
         raise InvalidRequest(f"grid: model {loaded.name!r} has no time grid; its samplers step over canvases")
     if not request.prompt:

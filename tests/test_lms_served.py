@@ -158,6 +158,7 @@ def test_the_command_line_generates_in_process_and_over_the_server(served, zoo, 
     ("tiny-mdlm", dict(max_new_tokens=63), ("max_new_tokens", "64")),
     ("tiny-gemma", dict(prompt_text="w1"), ("prompt",)),
     ("tiny-gemma", dict(prompt=""), ("prompt", "tiny-gemma")),
+    ("tiny-gemma", dict(negative_prompt="w2"), ("prompt", "tiny-gemma", "negative prompt")),
     ("tiny-gemma", dict(search=pb.SearchSpec(method="best_of_n", budget_nfe=8, verifier="x")), ("search",)),
 ])
 def test_bad_lm_requests_name_the_field(served, name, fields, fragments):
