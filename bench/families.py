@@ -126,7 +126,7 @@ def _full_sd3():
                                       tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer,
                                       text_encoder_3=None, tokenizer_3=None)
     theirs.set_progress_bar_config(disable=True)
-    schedule = map_schedule(dict(scheduler.config), "sd3-full")
+    schedule = map_schedule(dict(scheduler.config, _class_name=type(scheduler).__name__), "sd3-full")
     ours = sd3.assemble("sd3-full", schedule, dict(theirs.components), torch.float32)
     return theirs, ours
 
