@@ -34,3 +34,14 @@ def test_images_equal_diffusers(both, sampler, guidance, negative):
                                             width=W, steps=STEPS, sampler=sampler, guidance=guidance,
                                             latents=latents))
     assert (result.images / 2 + 0.5 - expected).abs().max().item() <= 1e-4
+
+
+def test_guidance_rescale_equals_diffusers(both):
+    theirs, ours = both
+    theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config)
+    latents = torch.randn(2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(9))
+    expected = theirs(prompt=PROMPTS, height=H, width=W, num_inference_steps=STEPS, guidance_scale=6.0,
+                      guidance_rescale=0.5, latents=latents.clone(), output_type="pt").images
+    result = generate(ours, PipelineRequest(seeds=[0, 1], prompts=PROMPTS, height=H, width=W, steps=STEPS,
+                                            sampler="euler", guidance=6.0, guidance_rescale=0.5, latents=latents))
+    assert (result.images / 2 + 0.5 - expected).abs().max().item() <= 1e-4
