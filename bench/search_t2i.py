@@ -89,7 +89,7 @@ def rows(quick: bool = False, add=print) -> list[dict]:
 
     loaded, resources, thresholds = _setup()
     prompts = PROMPTS[:4] if quick else PROMPTS
-    per_prompt = 2 if quick else 4
+    per_prompt = 2  # 20 searches per row, as the class-conditional rows (10 classes x 2 seeds)
     multiples = (1, 4) if quick else MULTIPLES
     labels = [p for p in prompts for _ in range(per_prompt)]
     out = []
@@ -114,7 +114,7 @@ def rows(quick: bool = False, add=print) -> list[dict]:
                                     search=SearchRequest(method, budget, "digit-prompt", opts, {}))
             row(name, "prompt", budget, images, nfe, sec, labels, guidance=1.0)
     first, second, joint = PRODUCT
-    n_product = 8 if quick else 32
+    n_product = 8 if quick else 16
     joint_labels = [joint] * n_product
     for guidance in (1.0, 4.0):
         images, nfe, sec = _run(loaded, resources, [joint], n_product, sampler="dpmpp_2m", steps=PRODUCT_STEPS,
