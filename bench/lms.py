@@ -163,23 +163,25 @@ def llada_rows(new_tokens: int, prompt_len: int, config: LLaDAConfig):
     opts = {"block_length": 32, "temperature": 0.0}
     with torch.inference_mode():
         net(tokens), net(tokens)  # warm-up, untimed
-        (ours, nfe), sec = _timed(lambda: run_masked_sampler("llada", lm, tokens, steps=new_tokens, noise=seeds,
-                                                             options=opts))
+        counter = CallCounter(lm)
+        (ours, _), sec = _timed(lambda: run_masked_sampler("llada", counter, tokens, steps=new_tokens, noise=seeds,
+                                                           options=opts))
         ref, ref_sec = _timed(lambda: reference_llada(net, prompt, new_tokens, new_tokens, 32, mask))
-        yield "LLaDA", "llada", new_tokens, nfe, sec, ref_sec, bool(torch.equal(ours, ref))
+        yield "LLaDA", "llada", new_tokens, counter.rows / BATCH, sec, ref_sec, bool(torch.equal(ours, ref))
         yield from masked_rows("LLaDA", lm, net, tokens, new_tokens)
 
 
 def masked_rows(family, lm, net, tokens, new_tokens):
+    """first_hitting and mdlm rows; NFE: the mean per sequence (rows the network received / BATCH)."""
     gen = torch.Generator().manual_seed(0)
-    (out, nfe), sec = _timed(lambda: run_masked_sampler("first_hitting", lm, tokens,
-                                                        noise=SampleNoise(list(range(BATCH)))))
+    fhs, mdlm = CallCounter(lm), CallCounter(lm)
+    _, sec = _timed(lambda: run_masked_sampler("first_hitting", fhs, tokens, noise=SampleNoise(list(range(BATCH)))))
     _, ref_sec = _timed(lambda: reference_first_hitting(net, tokens, lm.mask_id, gen))
-    yield family, "first_hitting", new_tokens, nfe, sec, ref_sec, None
-    (out, nfe), sec = _timed(lambda: run_masked_sampler("mdlm", lm, tokens, steps=new_tokens,
-                                                        noise=SampleNoise(list(range(BATCH)))))
+    yield family, "first_hitting", new_tokens, fhs.rows / BATCH, sec, ref_sec, None
+    _, sec = _timed(lambda: run_masked_sampler("mdlm", mdlm, tokens, steps=new_tokens,
+                                               noise=SampleNoise(list(range(BATCH)))))
     _, ref_sec = _timed(lambda: reference_mdlm(net, tokens, lm.mask_id, new_tokens, gen))
-    yield family, "mdlm", new_tokens, nfe, sec, ref_sec, None
+    yield family, "mdlm", new_tokens, mdlm.rows / BATCH, sec, ref_sec, None
 
 
 def mdlm_rows(new_tokens: int, config: DiTConfig):
@@ -202,8 +204,10 @@ def dg_rows(new_tokens: int, steps: int, quick: bool):
     ids = torch.tensor([lm.chat_ids([{"role": "user", "content": prompt}])] * BATCH)
     opts = {"gen_length": new_tokens, "confidence_threshold": 0.0, "eos_early_stop": False}
     for name in ("block_refinement", "discrete_ddim", "entropy_bound"):
-        def ours(name=name, steps=steps, opts=opts):
-            return run_block_diffusion(name, lm, ids, steps=steps, noise=SampleNoise(list(range(BATCH))),
+        counter = CallCounter(lm)
+
+        def ours(name=name, steps=steps, opts=opts, counter=counter):
+            return run_block_diffusion(name, counter, ids, steps=steps, noise=SampleNoise(list(range(BATCH))),
                                        options=opts)
 
         def reference(name=name, steps=steps, length=new_tokens):
@@ -211,9 +215,10 @@ def dg_rows(new_tokens: int, steps: int, quick: bool):
 
         with torch.inference_mode():
             ours(steps=1, opts={**opts, "gen_length": 1}), reference(steps=1, length=1)  # warm-up, untimed
-            (_, nfe), sec = _timed(ours)
+            warm = counter.rows
+            _, sec = _timed(ours)
             _, ref_sec = _timed(reference)
-        yield "DiffusionGemma", name, new_tokens, nfe, sec, ref_sec, None
+        yield "DiffusionGemma", name, new_tokens, (counter.rows - warm) / BATCH, sec, ref_sec, None
 
 
 class _Stop(Exception):
@@ -393,7 +398,7 @@ def main(quick: bool = False, argv=None) -> dict:
                dg_rows(32 if quick else 128, 8 if quick else 32, quick)]
     for source in sources:
         for family, sampler, n, nfe, sec, ref_sec, same in source:
-            row = {"family": family, "sampler": sampler, "new_tokens": n, "nfe": round(float(nfe.double().mean()), 2),
+            row = {"family": family, "sampler": sampler, "new_tokens": n, "nfe": round(float(nfe), 2),
                    "tokens_per_s": round(n * BATCH / sec, 2), "reference_tokens_per_s": round(n * BATCH / ref_sec, 2)}
             rows.append(row)
             line = (f"{family:<16}{sampler:<18}{n:>5}{row['nfe']:>7.0f}{row['tokens_per_s']:>12.2f}"

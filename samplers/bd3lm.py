@@ -25,14 +25,13 @@ from .registry import Option, get_spec, register
 
 def blockwise(model, tokens: torch.Tensor, cond: Any, inner: str, *, noise: SampleNoise, hook: Hook | None,
               steps: int | None = None, **options):
-    """Run masked sampler `inner` (a step machine) on each block in turn; returns (tokens, per-sample NFE)."""
+    """Run masked sampler `inner` (a step machine) on each block in turn; returns the tokens."""
     x = tokens.clone()
     batch, length = x.shape
     size = getattr(model, "block_size", None) or length
     blocks = -(-length // size)
     if steps is not None and steps % blocks:
         raise InvalidRequest(f"steps: {steps} is not a multiple of the number of blocks ({blocks})")
-    nfe = torch.zeros(batch, dtype=torch.int64)
     machine = get_spec(inner).machine
     for b in range(blocks):
         hi = min(length, (b + 1) * size)
@@ -40,13 +39,12 @@ def blockwise(model, tokens: torch.Tensor, cond: Any, inner: str, *, noise: Samp
         if len(rows) == 0:
             continue
         extra = {} if steps is None else {"steps": steps // blocks}
-        out, used = yield from machine(model, x[rows, :hi], _take(cond, rows), noise=noise.subset(rows.tolist()),
+        out = yield from machine(model, x[rows, :hi], _take(cond, rows), noise=noise.subset(rows.tolist()),
                                        hook=None, **extra, **options)
         x[rows, :hi] = out
-        nfe[rows] += used
         if hook is not None:
             report(hook, b, blocks, 1 - b / blocks, 1 - (b + 1) / blocks, x.clone(), x.clone())
-    return x, nfe
+    return x
 
 
 @register("block_first_hitting", kinds=("masked",), nfe_per_step=1, order=1, stochastic=True, one_step_per_mask=True,

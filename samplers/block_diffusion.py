@@ -39,11 +39,11 @@ from typing import Any
 
 import torch
 
-from .calls import NetworkCall, StepMachine, drive
+from .calls import NetworkCall, StepMachine, drive, evaluate_canvas
 from .errors import InvalidRequest
 from .hooks import Hook, report
 from .noise import SampleNoise
-from .registry import Option, register, validate
+from .registry import CallCounter, Option, register, validate
 
 KIND = "block_diffusion"
 
@@ -119,22 +119,19 @@ def entropy_bound_step(logits, canvas, committed, step, steps, gen, *, entropy_b
 
 
 def canvas_call(model, context, canvas, sc_logits, sc_mask) -> NetworkCall:
-    split = getattr(model, "canvas_call", None)
-    args = (context, canvas, sc_logits, sc_mask)
-    return split(*args) if split is not None else NetworkCall(model.canvas_logits, args)
+    return evaluate_canvas(model, context, canvas, sc_logits, sc_mask)
 
 
 def canvas_decode(model, prompt: torch.Tensor, cond: Any, *, steps: int, noise: SampleNoise, hook: Hook | None,
                   step_fn: Callable, gen_length: int, confidence_threshold: float, stability_threshold: int,
                   eos_early_stop: bool):
-    """DiffusionGemma's outer loop over canvases and inner loop over denoising steps; returns (tokens, nfe)."""
+    """DiffusionGemma's outer loop over canvases and inner loop over denoising steps; returns the tokens."""
     batch, prompt_len = prompt.shape
     length, vocab, eos = model.canvas_length, model.vocab_size, model.eos_id
     canvases = -(-gen_length // length)
     gens = [_generator(noise, k) for k in range(batch)]
     out = torch.full((batch, prompt_len + canvases * length), eos if eos is not None else 0, dtype=torch.long)
     out[:, :prompt_len] = prompt
-    nfe = torch.zeros(batch, dtype=torch.int64)
     live = list(range(batch))
     for c in range(canvases):
         end = prompt_len + c * length
@@ -147,7 +144,6 @@ def canvas_decode(model, prompt: torch.Tensor, cond: Any, *, steps: int, noise: 
         for step in range(steps):
             idx = [live[r] for r in rows.tolist()]
             logits = yield canvas_call(model, out[idx, :end], canvas[rows], sc[rows], has_sc[rows])
-            nfe[idx] += 1
             pred = torch.empty(len(rows), length, vocab)
             for j, r in enumerate(rows.tolist()):  # per sample: its own generator, its own draws
                 gen = gens[live[r]]
@@ -175,7 +171,7 @@ def canvas_decode(model, prompt: torch.Tensor, cond: Any, *, steps: int, noise: 
             live = [k for i, k in enumerate(live) if not (canvas[i] == eos).any()]
             if not live:
                 break
-    return out, nfe
+    return out
 
 
 def _register(name: str, step_fn: Callable, options: dict, when_to_use: str, doc: str):
@@ -216,7 +212,8 @@ entropy_bound = _register(
 
 def block_diffusion_machine(name: str, model, prompt: torch.Tensor, *, steps: int, noise: SampleNoise,
                             cond: Any = None, hook: Hook | None = None, options: dict | None = None) -> StepMachine:
-    """Validate, then run canvas sampler `name` as a step machine; returns (tokens, per-sample NFE)."""
+    """Validate, then run canvas sampler `name` as a step machine; returns (tokens, nfe), nfe the network calls
+    (as `run_sampler`; a sample that stopped early leaves the later calls)."""
     spec, opts = validate(name, steps, options, kind=KIND)
     if not isinstance(prompt, torch.Tensor) or prompt.ndim != 2 or prompt.shape[1] == 0:
         raise InvalidRequest("tokens: expected a (batch, prompt length) tensor of prompt ids, prompt not empty")
@@ -226,7 +223,9 @@ def block_diffusion_machine(name: str, model, prompt: torch.Tensor, *, steps: in
         raise InvalidRequest(f"seeds: {len(noise)} seeds for {prompt.shape[0]} sequences")
     if opts["gen_length"] + prompt.shape[1] + model.canvas_length > getattr(model, "length", math.inf):
         raise InvalidRequest(f"options: prompt + gen_length exceeds the model's length {model.length}")
-    return (yield from spec.machine(model, prompt.long(), cond, steps=steps, noise=noise, hook=hook, **opts))
+    counter = CallCounter(model)
+    out = yield from spec.machine(counter, prompt.long(), cond, steps=steps, noise=noise, hook=hook, **opts)
+    return out, counter.calls
 
 
 def run_block_diffusion(name: str, model, prompt: torch.Tensor, **kwargs):

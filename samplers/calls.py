@@ -68,6 +68,13 @@ def evaluate_logits(model, tokens, cond=None) -> NetworkCall:
     return call.then(lambda out: _checked_logits(model, tokens, out))
 
 
+def evaluate_canvas(model, *args) -> NetworkCall:
+    """The NetworkCall for a block-diffusion model's `model.canvas_logits(context, canvas, sc_logits, sc_mask)`,
+    split by the class's `canvas_call` when it has one (looked up on the class, as in `evaluate`)."""
+    split = getattr(type(model), "canvas_call", None)
+    return split(model, *args) if split is not None else NetworkCall(model.canvas_logits, args)
+
+
 def _checked_logits(model, tokens, out):
     if out.shape != (*tokens.shape, model.vocab_size):
         raise RuntimeError(f"masked model returned logits of shape {tuple(out.shape)}, expected "

@@ -10,7 +10,7 @@ steps. Classifier-free guidance (LLaDA's App. B.3): the unconditional input mask
 two are one batched call, and the logits are u + (w + 1)(c - u).
 
 Contract as in samplers/masked.py: ``machine(model, tokens, cond=None, *, steps, noise, hook=None,
-**options) -> (tokens, nfe)``, a step machine (samplers/calls.py). Randomness: per step, sample k draws
+**options) -> tokens``, a step machine (samplers/calls.py). Randomness: per step, sample k draws
 `block_length x V` uniforms from its own stream for the Gumbel noise (only when temperature > 0), then,
 for `llada_random`, `block_length` uniforms for the scores; positions outside the active block never need
 any (they are either committed or not yet eligible). Draws are in float64, as LLaDA's own code does
@@ -92,13 +92,11 @@ def semi_autoregressive(model, tokens, cond, *, steps: int, noise: SampleNoise, 
     per_block = steps // blocks
     prompt = x != model.mask_id
     forbidden = torch.tensor(model.forbidden, dtype=torch.long)
-    nfe = torch.zeros(batch, dtype=torch.int64)
     for b in range(blocks):
         lo, hi = start + b * block_length, start + (b + 1) * block_length
         counts = transfer_counts(x[:, lo:hi] == model.mask_id, per_block)
         for i in range(per_block):
             logits = yield from _guided_logits(model, x, cond, prompt, cfg_scale)
-            nfe += 1
             z = logits[:, lo:hi].double().index_fill_(-1, forbidden, -torch.inf)
             if temperature > 0:  # Gumbel-max: argmax z - T log(-log u) = LLaDA's argmax exp(z) / (-log u)^T
                 x0 = (z - temperature * torch.log(-torch.log(noise.rand((block_length, z.shape[-1]))))).argmax(-1)
@@ -117,7 +115,7 @@ def semi_autoregressive(model, tokens, cond, *, steps: int, noise: SampleNoise, 
                 x0_hat = torch.where(x == model.mask_id, logits.index_fill(-1, forbidden, -torch.inf).argmax(-1), x)
                 done = b * per_block + i
                 report(hook, done, steps, 1 - done / steps, 1 - (done + 1) / steps, x.clone(), x0_hat)
-    return x, nfe
+    return x
 
 
 @register("llada", kinds=("masked",), nfe_per_step=1, order=1, stochastic=True, max_steps=100_000,

@@ -6,11 +6,14 @@ position, a distribution over the real tokens (Zheng et al. 2024, "Masked Diffus
 Time-Agnostic Masked Models and Exploit Inaccurate Categorical Sampling", arXiv 2409.02908). A masked
 language model trained with the MDLM loss is therefore an MDM.
 
-Contract: `MaskedDenoiser.logits(tokens, cond) -> (B, L, V)`. Samplers are plain functions
-``fn(model, tokens, cond=None, *, noise, hook=None, **options) -> (tokens, nfe)`` where `tokens` holds the
-mask id at every position to generate (any other position is given and never changes: infilling) and
-`nfe` is a (B,) int64 tensor, the network evaluations each sample took part in. Every random number of
-sample k comes from noise stream k, so a sample is the same alone or in a batch.
+Contract: `MaskedDenoiser.logits(tokens, cond) -> (B, L, V)`. Samplers are step machines like every other
+sampler (samplers/registry.py): ``machine(model, tokens, cond=None, *, noise, hook=None, **options) -> tokens``
+where `tokens` holds the mask id at every position to generate (any other position is given and never
+changes: infilling). A sampler calls the network only on the sequences that still change; what that costs
+is counted where the model is wrapped (`CallCounter`: calls and rows; a search's `CountedModel`: its NFE
+budget), never by the sampler. `run_masked_sampler` returns (tokens, nfe) with nfe the network calls, as
+`run_sampler` does. Every random number of sample k comes from noise stream k, so a sample is the same
+alone or in a batch.
 
 Categorical draws use the exponential race argmax_i q_i / E_i with E_i = -log(u_i + 1e-10) + 1e-10, the
 scheme of MDLM's `_sample_categorical`, in float64. `precision="float32"` reproduces the float32 flaw
@@ -162,7 +165,6 @@ def mdlm(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None, *, steps
     x = tokens.clone()
     batch, length = x.shape
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    nfe = torch.zeros(batch, dtype=torch.int64)
     probs = torch.zeros(batch, length, model.vocab_size, dtype=_DTYPES[precision])
     stale = torch.ones(batch, dtype=torch.bool)
     for i in range(steps):
@@ -176,7 +178,6 @@ def mdlm(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None, *, steps
             logits = yield logits_call(model, x[rows], _take(cond, rows))
             probs[rows] = probabilities(model, logits,
                                         temperature, top_k, top_p, precision)
-            nfe[rows] += 1
             stale[rows] = False
         t, s = float(times[i]), float(times[i + 1])
         b, l = masked.nonzero(as_tuple=True)
@@ -191,7 +192,7 @@ def mdlm(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None, *, steps
         stale[b[new != model.mask_id]] = True
         if hook is not None:
             report(hook, i, steps, t, s, x.clone(), _x0_hat(x, probs, model.mask_id))
-    return x, nfe
+    return x
 
 
 @register("first_hitting", kinds=("masked",), nfe_per_step=1, order=1, stochastic=True, one_step_per_mask=True,
@@ -214,7 +215,6 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
     batch = x.shape[0]
     n = (x == model.mask_id).sum(1)
     tau = torch.ones(batch, dtype=torch.float64)
-    nfe = torch.zeros(batch, dtype=torch.int64)
     steps = int(n.max())
     for i in range(steps):
         rows = (n > 0).nonzero()[:, 0]
@@ -223,7 +223,6 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
         tau[rows] *= u[:, 0] ** (1.0 / n[rows])
         xs = x[rows]
         logits = yield logits_call(model, xs, _take(cond, rows))
-        nfe[rows] += 1
         masked = xs == model.mask_id
         j = torch.minimum((u[:, 1] * n[rows]).long(), n[rows] - 1)  # the j-th masked position, uniform
         pos = (masked & (masked.cumsum(1) == (j + 1)[:, None])).long().argmax(1)
@@ -235,21 +234,23 @@ def first_hitting(model: MaskedDenoiser, tokens: torch.Tensor, cond: Any = None,
             x0_hat[rows] = _x0_hat(x[rows], logits.index_fill(-1, torch.tensor(model.forbidden), -torch.inf),
                                    model.mask_id)
             report(hook, i, steps, tau_before, float(tau[rows].mean()), x.clone(), x0_hat)
-    return x, nfe
+    return x
 
 
 def run_masked_sampler(name: str, model: MaskedDenoiser, tokens: torch.Tensor, *, steps: int | None = None,
                        cond: Any = None, noise: SampleNoise | None = None, hook: Hook | None = None,
-                       options: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate, then run masked sampler `name`; returns (tokens, per-sample NFE as a (B,) int64 tensor)."""
+                       options: dict[str, Any] | None = None) -> tuple[torch.Tensor, int]:
+    """Validate, then run masked sampler `name`; returns (tokens, nfe), nfe the network calls (a call counts
+    once however many sequences it carries, as in `run_sampler`). Rows per sequence: wrap the model in a
+    `CallCounter` and read its `rows`."""
     return drive(masked_sampler_machine(name, model, tokens, steps=steps, cond=cond, noise=noise, hook=hook,
                                         options=options))
 
 
 def masked_sampler_machine(name: str, model: MaskedDenoiser, tokens: torch.Tensor, *, steps: int | None = None,
                            cond: Any = None, noise: SampleNoise | None = None, hook: Hook | None = None,
-                           options: dict[str, Any] | None = None) -> StepMachine:
-    """`run_masked_sampler` as a step machine (validation runs on the first advance).
+                           options: dict[str, Any] | None = None) -> StepMachine[tuple[torch.Tensor, int]]:
+    """`run_masked_sampler` as a step machine (validation runs on the first advance); returns (tokens, nfe).
 
     `steps` is N for mdlm; first_hitting takes one step per masked position, so leave it None (or pass
     exactly that number). The hook's StepInfo.nfe is the number of network calls so far.
@@ -274,4 +275,5 @@ def masked_sampler_machine(name: str, model: MaskedDenoiser, tokens: torch.Tenso
     counted = None if hook is None else (lambda info: hook(replace(info, nfe=counter.calls)))
     if takes_steps:
         opts["steps"] = steps
-    return (yield from spec.machine(counter, tokens, cond, noise=noise, hook=counted, **opts))
+    out = yield from spec.machine(counter, tokens, cond, noise=noise, hook=counted, **opts)
+    return out, counter.calls

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .calls import NetworkCall, StepMachine, drive, evaluate, evaluate_logits, step_machine
+from .calls import NetworkCall, StepMachine, drive, evaluate, evaluate_canvas, evaluate_logits, step_machine
 from .errors import InvalidRequest, quote
 from .hooks import Hook
 
@@ -132,8 +132,8 @@ def validate(name: str, steps: int, options: dict[str, Any] | None = None, kind:
 class CallCounter:
     """Counts network evaluations (samples in a batch count once per call, as papers count NFE), of
     denoisers and MeanFlow models (`network_call`) and of masked models (`logits_call`) alike; `rows`
-    counts the samples the calls carried (a masked sampler calls only the sequences still changing, so
-    rows / batch is its mean NFE per sample)."""
+    counts the samples the calls carried (masked and block-diffusion samplers call only the sequences still
+    changing, so rows / batch is their mean NFE per sample)."""
 
     def __init__(self, model):
         self.model = model
@@ -158,6 +158,11 @@ class CallCounter:
 
     def logits(self, tokens: torch.Tensor, cond=None) -> torch.Tensor:
         return self.logits_call(tokens, cond).run()
+
+    def canvas_call(self, context, canvas: torch.Tensor, *rest) -> NetworkCall:  # block diffusion (canvas_logits)
+        self.calls += 1
+        self.rows += canvas.shape[0]
+        return evaluate_canvas(self.model, context, canvas, *rest)
 
 
 def check_inputs(model, x: torch.Tensor, sigmas: torch.Tensor) -> None:

@@ -462,7 +462,6 @@ def _masked(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
                                                  noise=SampleNoise(list(plan.seeds)),
                                                  hook=_text_hook(hook, model, start, model.mask_id),
                                                  options=request.options)
-    nfe = int(torch.as_tensor(nfe).max()) if torch.is_tensor(nfe) else int(nfe)
     return GenerateResult(out, nfe, list(plan.seeds), [model.decode(row[start:]) for row in out])
 
 
@@ -525,13 +524,18 @@ def _search(plan: Plan, loaded, model, hook, resources) -> StepMachine[GenerateR
     labels = labels_of(model, request)
     if loaded.kind == "meanflow":
         model = model.as_flow_denoiser()
+    cond, start = labels, 0
+    if loaded.kind == "masked" and (request.prompt or request.prompt_text or request.prompt_tokens is not None):
+        template, start = (prompt_template(model, request) if request.prompt  # the answer follows the prompt
+                           else (masked_template(model, request), 0))
+        cond = {"tokens": template.expand(plan.n, -1).clone()}  # scored from its first mask: the answer only
     verifier = build_verifier(spec.verifier, spec.verifier_options, {**resources, "model": model}, plan.kind)
     result = yield from run_search.machine(
-        spec.method, model, verifier=verifier, budget_nfe=spec.budget_nfe, cond=labels, seeds=list(plan.seeds),
+        spec.method, model, verifier=verifier, budget_nfe=spec.budget_nfe, cond=cond, seeds=list(plan.seeds),
         steps=request.steps, guidance=request.guidance if labels is not None else None, options=spec.options,
         hook=hook, kind=plan.kind, trace=False)
     samples = result.samples if loaded.kind == "masked" else _check_finite(result.samples)
-    texts = [model.decode(row) for row in samples] if loaded.kind == "masked" else None
+    texts = [model.decode(row[start:]) for row in samples] if loaded.kind == "masked" else None
     return GenerateResult(samples, result.nfe, list(result.seeds), texts,
                           rewards=[float(r) for r in result.rewards])
 

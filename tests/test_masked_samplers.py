@@ -12,6 +12,7 @@ from scipy import stats
 from samplers.errors import InvalidRequest
 from samplers.masked import MaskedDenoiser, categorical, probabilities, run_masked_sampler
 from samplers.noise import SampleNoise
+from samplers.registry import CallCounter
 
 REAL = 3  # real tokens 0..2; 3 is a forbidden "pad", 4 the mask
 PAD, MASK = REAL, REAL + 1
@@ -66,14 +67,14 @@ def test_first_hitting_matches_the_exact_joint():
     model = JointDenoiser()
     x, nfe = sample("first_hitting", model, 6000)
     assert chi_square_p(model, x) > 1e-3
-    assert (nfe == model.length).all() and model.calls == model.length
+    assert nfe == model.length == model.calls
 
 
 def test_mdlm_many_steps_matches_the_exact_joint():
     model = JointDenoiser()
     x, nfe = sample("mdlm", model, 2500, seed0=10_000, steps=64)
     assert chi_square_p(model, x) > 1e-3  # its bias at N = 64 (TV 0.005) is far below what 2500 can see
-    assert (nfe <= model.length).all()
+    assert nfe == model.calls <= 64
 
 
 def mdlm_exact(model: JointDenoiser, steps: int) -> torch.Tensor:
@@ -117,10 +118,13 @@ def test_chi_square_rejects_mdlm_with_one_step():
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 40])
 def test_cached_mdlm_calls_the_network_at_most_min_n_l_times(steps):
     model = JointDenoiser(length=4)
-    _, nfe = sample("mdlm", model, 64, steps=steps)
-    assert (nfe <= min(steps, model.length)).all()
-    _, nfe_uncached = sample("mdlm", model, 64, steps=steps, cached=False)
-    assert (nfe_uncached >= nfe).all() and int(nfe_uncached.max()) == steps
+    alone = {cached: [sample("mdlm", model, 1, seed0=k, steps=steps, cached=cached)[1] for k in range(24)]
+             for cached in (True, False)}  # per sample: a sample's draws do not depend on its batch
+    assert max(alone[True]) <= min(steps, model.length)
+    assert all(u >= c for u, c in zip(alone[False], alone[True], strict=True)) and max(alone[False]) == steps
+    counter = CallCounter(model)  # batched: the counter sees every sample's calls as rows
+    _, calls = sample("mdlm", counter, 24, steps=steps)
+    assert counter.rows == sum(alone[True]) and counter.calls == calls <= steps
 
 
 def test_cached_and_uncached_mdlm_sample_the_same_tokens():

@@ -123,7 +123,7 @@ def test_block_samplers_generate_left_to_right(name, steps):
     short, _ = run_masked_sampler(name, lm, torch.full((2, 8), MASK), steps=steps, noise=SampleNoise([5, 6]))
     assert not (long == MASK).any() and torch.equal(long[:, :8], short)  # later blocks never reach earlier ones
     if name == "block_first_hitting":
-        assert nfe.tolist() == [16, 16]
+        assert nfe == 16
 
 
 @pytest.mark.parametrize("name, steps", [("first_hitting", None), ("mdlm", 8)])
