@@ -74,16 +74,16 @@ class Budget:
 
 
 class _PassCounter:
-    """Counts raw network passes (samples per call) beneath any guidance wrapper."""
+    """Counts raw network passes (samples per call, `per_row` per sample) beneath any guidance wrapper."""
 
-    def __init__(self, model, budget: Budget):
-        self.model, self.budget = model, budget
+    def __init__(self, model, budget: Budget, per_row: int = 1):
+        self.model, self.budget, self.per_row = model, budget, per_row
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def network_call(self, x, sigma, cond=None) -> NetworkCall:
-        self.budget.count_passes(x.shape[0])
+        self.budget.count_passes(self.per_row * x.shape[0])
         return evaluate(self.model, x, sigma, cond)
 
     def prediction_call(self, x, sigma, cond=None) -> NetworkCall:  # before a data clip (guidance clips after)
@@ -105,11 +105,14 @@ class CountedModel:
         self.budget = budget
         self.guidance = guidance
         self._passes = _PassCounter(model, budget)
-        if guidance is not None and guidance != 1.0:
+        own_guidance = getattr(model, "guided", None)  # a latent pipeline guides as its own pipeline does
+        if guidance is None or guidance == 1.0:
+            self._guided = self._passes
+        elif own_guidance is not None:
+            self._guided = _PassCounter(own_guidance(guidance), budget, per_row=2)
+        else:
             from samplers.denoiser import with_guidance
             self._guided = with_guidance(self._passes, guidance)
-        else:
-            self._guided = self._passes
 
     def __getattr__(self, name):  # process, shape, sigma_min/max, num_classes, kind of the wrapped model
         return getattr(self.base, name)

@@ -556,8 +556,8 @@ def _pipeline(plan: Plan, pipe, hook) -> StepMachine[GenerateResult]:
 
 @dataclass(frozen=True, eq=False)
 class _LatentsAtSize:
-    """A pipeline's latent denoiser as a search sees it: one request's latent shape, and whether its cond is
-    a prompt (classifier-free guidance then pairs the prompt with its negative)."""
+    """A pipeline's latent denoiser as a search sees it: one request's latent shape, whether its cond is a
+    prompt, and the pipeline's own guidance (search/budget.py's CountedModel uses `guided`)."""
 
     model: Any
     shape: tuple[int, ...]
@@ -568,6 +568,13 @@ class _LatentsAtSize:
 
     def network_call(self, x, sigma, cond=None):
         return self.model.network_call(x, sigma, cond)
+
+    def guided(self, scale: float) -> _LatentsAtSize:
+        """The pipeline's own prompt guidance (its data clip after the combination, as a plain request)."""
+        return _LatentsAtSize(self.model.guided(scale), self.shape, self.takes_prompt)
+
+    def prediction_call(self, x, sigma, cond=None):  # before the model's data clip: guidance clips after
+        return self.model.prediction_call(x, sigma, cond)
 
 
 def _pipeline_search(plan: Plan, loaded, pipe, hook, resources) -> StepMachine[GenerateResult]:
