@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from samplers.calls import drive
-from samplers.errors import InvalidRequest
+from samplers.errors import BudgetExceeded, InvalidRequest
 from samplers.masked import run_masked_sampler
+from samplers.registry import CallCounter
+from search import run_search
+from search.budget import Budget
 from search.core import Streams
 from search.verifiers import WordPresence
 from server.plan import Limits, make_plan
@@ -69,3 +72,25 @@ def test_search_on_a_chat_prompt_over_grpc_equals_the_plan(served):  # noqa: F81
     want = _searched(loaded)
     assert [s.text for s in out.samples] == want.texts and [s.reward for s in out.samples] == want.rewards
     assert out.nfe == BUDGET and [s.seed for s in out.samples] == SEEDS
+
+
+def test_the_budget_pools_a_masked_samplers_uneven_rows():
+    budget = Budget(limit=5, searches=2)
+    budget.charge_pooled(3)
+    budget.charge_pooled(5)
+    assert (budget.nfe, budget.rows) == (4, 8)  # ceil(8 / 2): the mean per search
+    with pytest.raises(BudgetExceeded):
+        budget.charge_pooled(3)  # ceil(11 / 2) = 6 > 5: refused before spending
+    assert (budget.nfe, budget.rows) == (4, 8)
+
+
+def test_cached_mdlm_search_is_charged_the_rows_the_network_received(served):  # noqa: F811
+    _, _, loaded, _ = served
+    lm = loaded.model
+    counter = CallCounter(lm)
+    template = torch.tensor(lm.chat_ids([{"role": "user", "content": PROMPT}]) + [lm.mask_id] * NEW)
+    result = run_search("best_of_n_masked", counter, verifier=WordPresence.from_words(WORDS, lm.encode),
+                        budget_nfe=BUDGET, cond={"tokens": template.expand(len(SEEDS), -1)}, seeds=SEEDS, steps=30,
+                        options={"sampler": "mdlm"}, kind="masked")
+    assert result.nfe == -(-counter.rows // len(SEEDS)) < BUDGET  # the rows received, pooled; cached calls skipped
+    assert result.network_passes == result.nfe and result.verifier_calls == BUDGET // NEW
