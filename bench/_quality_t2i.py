@@ -230,9 +230,12 @@ def plot(rows: list[dict], path: Path) -> None:
                      color=plt.cm.tab20(i % 20), label=f"{source}: {sampler}")
         for ax, key in zip(axes[0], ("class_acc", "attr_acc", "fd")):
             ax.plot([r["nfe"] for r in cell], [r[key] for r in cell], **style)
+    nfes = sorted({r["nfe"] for r in grid})
     for ax, key in zip(axes[0], ("class acc (classifier B)", "attribute acc", "digits-FD")):
         ax.set(xscale="log", xlabel="NFE (guidance 4)", ylabel=key, title=f"{key} vs NFE")
-        ax.grid(alpha=0.3, which="both")
+        ax.set_xticks(nfes, [str(v) for v in nfes])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
     axes[0][2].set_yscale("log")
     axes[0][0].legend(fontsize=6, ncol=2)
     ax = axes[1][0]
@@ -243,7 +246,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(ws, [r["class_acc"] for r in sweep], "-o", color=color, label=f"{source} class acc")
         ax.plot(ws, [r["attr_acc"] for r in sweep], ":s", color=color, label=f"{source} attribute acc")
         ax.plot(ws, [r["fd"] for r in sweep], "--^", color=color, label=f"{source} digits-FD")
-    ax.set(xlabel="guidance (20 steps)", title="guidance sweep (dpmpp_2m / DPMSolverMultistep)")
+    ax.set(xlabel="guidance (20 steps)", title="guidance sweep: dpmpp_2m, DPMSolverMultistep (equal)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     momentum = [r for r in rows if r["section"] == "momentum" and r["nfe"] != REFERENCE_STEPS]
@@ -259,8 +262,8 @@ def plot(rows: list[dict], path: Path) -> None:
                    and r["guidance"] == w)
         axes[1][1].axhline(ref["diverged"], color="k", lw=0.8, ls=":", label=f"dpmpp_2m {REFERENCE_STEPS} steps")
         axes[1][1].set(xlabel="NFE", ylabel="fraction diverged", title=f"momentum: divergence at guidance {w:g}")
-        axes[1][2].set(xlabel="NFE", ylabel="latent RMSE", yscale="log",
-                       title=f"momentum: median latent RMSE to dpmpp_2m {REFERENCE_STEPS} steps, guidance {w:g}")
+        axes[1][2].set(xlabel="NFE", ylabel=f"median latent RMSE to dpmpp_2m, {REFERENCE_STEPS} steps", yscale="log",
+                       title=f"momentum: error at guidance {w:g}")
         for ax in axes[1][1:]:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
