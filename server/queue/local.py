@@ -58,8 +58,16 @@ class LocalRedis:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
                 "--logfile", "redis.log", *self.extra_args]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        preexec_fn=_die_with_parent)
+        # Dies with us.  setpriv sets the parent-death signal and execs redis-server in place, so no Python runs
+        # between fork and exec: subprocess can vfork, and no fork handler (gRPC's, in a process serving already)
+        # runs in the child; a preexec_fn there aborted the child under load.
+        setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+        if setpriv is not None:
+            self.process = subprocess.Popen([setpriv, "--pdeathsig", "TERM", *args], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+        else:
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            preexec_fn=_die_with_parent)
         self.wait_ready(timeout)
         return self
 
