@@ -6,7 +6,7 @@ Class-balanced labels, no guidance (on these digits guidance raises FD), 100 sam
 --quick): FD from few samples is biased upwards, so compare cells with each other, not with papers.
 A full run keeps each model's cells in bench/results/quality_rows_<model>.json and reuses them while that
 model's weights, the samplers/ code and this file are unchanged (retraining one zoo model costs only its
-rows). Threads: OMP_NUM_THREADS when set, else 2.
+rows). Threads: OMP_NUM_THREADS when set, else 1 (on a shared 2-core machine two threads ran 5x slower).
 
 The text-to-image zoo model's rows (`rows` in the JSON: per sampler and NFE ours vs diffusers, guidance sweep,
 negative prompt, momentum under strong guidance) come from bench/_quality_t2i.py.
@@ -107,7 +107,7 @@ def main(quick: bool = False) -> dict:
     )
 
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)
     n = 50 if quick else 100
     nfes = (2, 10) if quick else NFES
     config = load_config()
