@@ -15,7 +15,6 @@ from training.digits_t2i import data, evaluate  # noqa: E402
 
 @pytest.fixture(scope="module")
 def quality() -> T2IQuality:
-    torch.set_num_threads(2)
     return T2IQuality()
 
 
