@@ -133,3 +133,17 @@ def test_search_over_grpc_equals_the_library(t2i):
             stub.Generate(bad)
         assert "names no digit" in err.value.details()
         channel.close()
+
+
+def test_more_distinct_prompts_than_the_cache_holds(t2i):
+    from models.pipelines.generate import PipelineRequest
+    from models.pipelines.generate import generate as generate_pipeline
+
+    loaded, _, _ = t2i
+    size = loaded.model.text.cache.size
+    prompts = [f"the digit {k % 10}" + ", bold" * (k // 10 % 2) + ", slanted left" * (k // 20 % 2) + " " * (k // 40)
+               for k in range(size + 6)]
+    assert len(set(prompts)) > size
+    out = generate_pipeline(loaded.model, PipelineRequest(seeds=list(range(len(prompts))), prompts=prompts, steps=2,
+                                                          sampler="euler", guidance=2.0))
+    assert out.images.shape[0] == len(prompts) and torch.isfinite(out.images).all()

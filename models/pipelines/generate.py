@@ -66,12 +66,14 @@ def generate(pipeline: LatentPipeline, request: PipelineRequest, hook: Hook | No
 def encode_prompts(pipeline: LatentPipeline, prompts: Sequence[str]) -> StepMachine[list[dict]]:
     """Per-sample conditioning rows for `prompts`; one encoder call for the ones not cached."""
     cache = pipeline.text.cache
-    missing = sorted({p for p in prompts if cache.get(p) is None})
+    found = {p: cache.get(p) for p in dict.fromkeys(prompts)}  # held here: other requests may evict them
+    missing = sorted(p for p, row in found.items() if row is None)
     if missing:
         rows = yield pipeline.text.encode_call(missing)
         for prompt, row in zip(missing, rows, strict=True):
             cache.put(prompt, row)
-    return [cache.get(p) for p in prompts]
+            found[prompt] = row
+    return [found[p] for p in prompts]
 
 
 def _prompts(request: PipelineRequest, n: int, key: str) -> list[str] | None:
