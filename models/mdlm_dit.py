@@ -33,7 +33,7 @@ from torch import nn
 from samplers.calls import NetworkCall
 
 from .masked_lm import CheckpointError, _check_weights
-from .padded import PaddedTokens
+from .padded import PaddedTokens, padded_logits_call
 
 PREFIX = "backbone."
 MODEL_TYPES = ("mdlm", "bd3lm")
@@ -256,9 +256,7 @@ class DiTMaskedLM:
 
     def logits_call(self, tokens: torch.Tensor, cond=None) -> NetworkCall:
         """The network call of `logits`: calls of other lengths join it right-padded (models/padded.py)."""
-        length = tokens.shape[1]
-        return NetworkCall(self.padded_logits, (PaddedTokens.of(tokens, self.mask_id),),
-                           lambda out: out[:, :length])
+        return padded_logits_call(self.padded_logits, tokens, self.mask_id)
 
     def padded_logits(self, tokens: PaddedTokens) -> torch.Tensor:
         mask = tokens.key_mask()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from samplers.calls import NetworkCall
+
 
 @dataclass(frozen=True, eq=False)
 class PaddedTokens:
@@ -55,3 +57,10 @@ class PaddedTokens:
         if self.left:
             return torch.arange(width)[None, :] >= (width - self.lengths)[:, None]
         return torch.arange(width)[None, :] < self.lengths[:, None]
+
+
+def padded_logits_call(network, tokens: torch.Tensor, pad_id: int) -> NetworkCall:
+    """A masked LM's batchable logits call: `network(PaddedTokens)` over these (B, L) ids, joined with the calls
+    of other lengths right-padded with `pad_id`; the call keeps its own first L positions."""
+    length = tokens.shape[1]
+    return NetworkCall(network, (PaddedTokens.of(tokens, pad_id),), lambda out: out[:, :length])
