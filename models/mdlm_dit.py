@@ -277,8 +277,12 @@ class DiTMaskedLM:
         return ([bos] if bos is not None else []) + self.encode(prompt)
 
     def decode(self, ids) -> str:
-        """Text of ids, stopping at the first EOS (end of text)."""
+        """Text of ids after any leading BOS, stopping at the first EOS (end of text).  GPT-2's tokenizer
+        (MDLM-OWT) uses one id for both, and a sample often starts with it: that one opens the text."""
         ids = [int(i) for i in ids]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        while bos is not None and ids and ids[0] == bos:
+            ids = ids[1:]
         if self.eos_id is not None and self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
         return self._tok().decode(ids)

@@ -87,7 +87,7 @@ class _PassCounter:
         return evaluate(self.model, x, sigma, cond)
 
     def prediction_call(self, x, sigma, cond=None) -> NetworkCall:  # before a data clip (guidance clips after)
-        self.budget.count_passes(x.shape[0])
+        self.budget.count_passes(self.per_row * x.shape[0])
         return Unclipped(self.model).network_call(x, sigma, cond)
 
 

@@ -217,12 +217,18 @@ def _plan_pipeline_search(loaded, request: GenerateRequest, limits: Limits, seed
                                  f"use second_class")
         if options.get("target") != "product":
             raise InvalidRequest("search.options.second_prompt: only the product target takes a second prompt")
-    if pipe.takes_prompt and options.get("second_class", -1) >= 0:
+    second_class = options.get("second_class", -1)
+    if pipe.takes_prompt and second_class >= 0:
         raise InvalidRequest(f"search.options.second_class: model {loaded.name!r} takes prompts; use second_prompt")
+    if not pipe.takes_prompt and second_class >= pipe.num_classes:
+        raise InvalidRequest(f"search.options.second_class: {second_class} is outside [0, {pipe.num_classes - 1}]")
     vspec, _ = validate_verifier(search.verifier, search.verifier_options, kind)
     if "prompt" in vspec.resources and not pipe.takes_prompt:
         raise InvalidRequest(f"search.verifier: {search.verifier!r} scores a prompt; model {loaded.name!r} takes "
                              f"class labels")
+    if vspec.needs_cond and pipe.takes_prompt:
+        raise InvalidRequest(f"search.verifier: {search.verifier!r} scores a class label; model {loaded.name!r} "
+                             f"takes a prompt (digit-prompt scores prompts)")
     if resources is not None:
         missing = [r for r in vspec.resources if r not in resources and r not in REQUEST_RESOURCES]
         if missing:
@@ -362,7 +368,6 @@ def prompt_template(model, request: GenerateRequest) -> tuple[torch.Tensor, int]
     return torch.tensor(ids + [model.mask_id] * new, dtype=torch.long), len(ids)
 
 
-chat_template = prompt_template  # its name before plain-text prompts
 
 
 def _check_sampler_kind(loaded, name: str) -> None:
@@ -384,11 +389,12 @@ def _plan_block(loaded, request: GenerateRequest, limits: Limits, seeds, output)
     if request.prompt_text or request.prompt_tokens is not None:
         raise InvalidRequest(f"prompt_text: model {loaded.name!r} takes `prompt` (and max_new_tokens), not a token "
                              f"template")
-    if request.class_label is not None or request.guidance not in (None, 1.0):
-        raise InvalidRequest(f"class_label: model {loaded.name!r} takes a prompt, not a class label or guidance")
-    if request.negative_prompt or request.height or request.width or request.distilled_guidance is not None:
-        raise InvalidRequest(f"prompt: model {loaded.name!r} is a text LM: a prompt and max_new_tokens, no "
-                             f"negative prompt or image size")
+    refused = {"class_label": request.class_label is not None, "guidance": request.guidance not in (None, 1.0),
+               "negative_prompt": bool(request.negative_prompt), "height, width": bool(request.height or request.width),
+               "distilled_guidance": request.distilled_guidance is not None}
+    for name, given in refused.items():
+        if given:
+            raise InvalidRequest(f"{name}: model {loaded.name!r} is a text LM; it takes a prompt and max_new_tokens")
     if request.grid is not None:
         raise InvalidRequest(f"grid: model {loaded.name!r} has no time grid; its samplers step over canvases")
     if not request.prompt:
@@ -476,8 +482,8 @@ def _block(plan: Plan, loaded, model, hook) -> StepMachine[GenerateResult]:
                                                   options=plan.options)
     out = out[:, :len(ids) + new]
     if text_hook is not None:  # the final text, once more: early-stopped canvases settle after their last report
-        text_hook(StepInfo(0, 1, 0.0, 0.0, out, out))
-    return GenerateResult(out, int(torch.as_tensor(nfe).max()), list(plan.seeds),
+        text_hook.final(out, nfe)
+    return GenerateResult(out, nfe, list(plan.seeds),
                           [model.decode(row[len(ids):]) for row in out])
 
 
@@ -506,15 +512,25 @@ def _text_hook(hook, model, start: int, hidden: int):
     """The hook seeing TextSteps: each step's answers render as preview texts on demand; `nfe` counts calls."""
     if hook is None:
         return None
-    calls = [0]
+    calls, last = [0], [None]
 
     def render(x: torch.Tensor) -> list[str]:
         return [preview_text(model, row[start:], hidden) for row in x]
 
+    def emit(info: StepInfo, nfe: int) -> None:
+        hook(TextStep(**{f.name: getattr(info, f.name) for f in fields(StepInfo)} | {"nfe": nfe}, render=render))
+
     def text_hook(info: StepInfo) -> None:
         calls[0] += 1
-        hook(TextStep(**{f.name: getattr(info, f.name) for f in fields(StepInfo)} | {"nfe": info.nfe or calls[0]},
-                      render=render))
+        last[0] = info
+        emit(info, info.nfe or calls[0])
+
+    def final(x: torch.Tensor, nfe: int) -> None:
+        """The final texts at the last step's index (no new step, no new call)."""
+        info = last[0] if last[0] is not None else StepInfo(0, 1, 0.0, 0.0, x, x)
+        emit(replace(info, x=x, x0_hat=x), nfe)
+
+    text_hook.final = final
     return text_hook
 
 
@@ -591,24 +607,26 @@ def _pipeline_search(plan: Plan, loaded, pipe, hook, resources) -> StepMachine[G
         negatives = {"cfg": True, "anneal": guided, "product": False}[options.get("target", "cfg")]
     else:
         negatives = guided
+    height, width = pipe.generation_size(r.height, r.width)  # PixArt: the aspect-ratio bin, resized back below
     request = PipelineRequest(
         seeds=list(plan.seeds), prompts=r.prompt, negative_prompts=r.negative_prompt,
-        class_labels=None if r.class_label is None else [r.class_label], height=r.height, width=r.width,
+        class_labels=None if r.class_label is None else [r.class_label], height=height, width=width,
         steps=r.steps, guidance=scale, distilled_guidance=r.distilled_guidance)
-    cond = yield from condition(pipe, request, plan.n, negatives, r.height, r.width)
+    cond = yield from condition(pipe, request, plan.n, negatives, height, width)
     second = None
     if options.get("second_prompt"):
         second = yield from condition(pipe, replace(request, prompts=options["second_prompt"], negative_prompts=None),
-                                      plan.n, False, r.height, r.width)
+                                      plan.n, False, height, width)
     elif not pipe.takes_prompt and options.get("second_class", -1) >= 0:
         second = {"class_labels": torch.full((plan.n,), int(options["second_class"]), dtype=torch.long)}
-    model = _LatentsAtSize(pipe.denoiser, tuple(pipe.latent_shape(r.height, r.width)), pipe.takes_prompt)
+    model = _LatentsAtSize(pipe.denoiser, tuple(pipe.latent_shape(height, width)), pipe.takes_prompt)
     verifier = _pipeline_verifier(loaded, r, resources)
     progress = None if hook is None else (lambda p: hook(replace(p, best_x0=None)))
     result = yield from run_search.machine(
         spec.method, model, verifier=verifier, budget_nfe=spec.budget_nfe, cond=cond, seeds=list(plan.seeds),
         steps=r.steps, guidance=scale if guided and negatives else None, options=spec.options, hook=progress,
         kind=plan.kind, trace=False, second_cond=second)
-    images = yield pipe.decoder.decode_call(_check_finite(result.samples))
+    asked = (r.height, r.width)
+    images = yield pipe.decoder.decode_call(_check_finite(result.samples), None if asked == (height, width) else asked)
     return GenerateResult(_check_finite(images), result.nfe, list(result.seeds),
                           rewards=[float(v) for v in result.rewards])

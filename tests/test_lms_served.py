@@ -158,7 +158,9 @@ def test_the_command_line_generates_in_process_and_over_the_server(served, zoo, 
     ("tiny-mdlm", dict(max_new_tokens=63), ("max_new_tokens", "64")),
     ("tiny-gemma", dict(prompt_text="w1"), ("prompt",)),
     ("tiny-gemma", dict(prompt=""), ("prompt", "tiny-gemma")),
-    ("tiny-gemma", dict(negative_prompt="w2"), ("prompt", "tiny-gemma", "negative prompt")),
+    ("tiny-gemma", dict(negative_prompt="w2"), ("negative_prompt", "tiny-gemma")),
+    ("tiny-gemma", dict(guidance=3.0), ("guidance", "tiny-gemma")),
+    ("tiny-gemma", dict(height=32), ("height, width", "tiny-gemma")),
     ("tiny-gemma", dict(search=pb.SearchSpec(method="best_of_n", budget_nfe=8, verifier="x")), ("search",)),
 ])
 def test_bad_lm_requests_name_the_field(served, name, fields, fragments):
@@ -210,6 +212,9 @@ def test_block_diffusion_streams_previews_ending_in_the_final_text(served):
     assert len(previews) == 2 * 4 + 1  # two canvases of four steps, then the settled text
     assert any(PLACEHOLDER in p[0] for p in previews[:4])
     assert previews[-1] == texts
+    events = [e for e in stub.GenerateStream(request)]
+    steps = [(e.progress.step, e.progress.steps, e.progress.nfe) for e in events if e.HasField("progress")]
+    assert steps[-1] == steps[-2] and steps[-1][2] == events[-1].result.nfe  # the settled text adds no step or call
     every = _request("tiny-gemma", "w1 w2", 16, [1, 2], steps=4, preview_every=4)
     every.typed_options["confidence_threshold"].number_value = 0.0
     thinned, _ = _stream(stub, every)

@@ -83,7 +83,6 @@ def test_fkc_product_of_two_prompts_spends_two_nfe_per_particle_step(t2i):
     ("best_of_n", {}, "digit-prompt", "names no digit"),
     ("fkc", {"second_prompt": "bold 7"}, "digit-prompt", "only the product target"),
     ("fkc", {"target": "product", "second_class": 3}, "digit-prompt", "use second_prompt"),
-    ("best_of_n", {}, "digit-class", "needs a class label"),
 ])
 def test_bad_pipeline_searches_are_refused_by_name(t2i, method, options, verifier, message):
     loaded, resources, _ = t2i
@@ -147,3 +146,31 @@ def test_more_distinct_prompts_than_the_cache_holds(t2i):
     out = generate_pipeline(loaded.model, PipelineRequest(seeds=list(range(len(prompts))), prompts=prompts, steps=2,
                                                           sampler="euler", guidance=2.0))
     assert out.images.shape[0] == len(prompts) and torch.isfinite(out.images).all()
+
+
+def test_class_verifiers_and_second_classes_are_refused_before_any_sampling(t2i, tmp_path):
+    loaded, resources, _ = t2i
+    with pytest.raises(InvalidRequest, match="search.verifier: 'digit-class' scores a class label"):
+        _search(loaded, resources, "best_of_n", 40, prompt="a seven", n=1, verifier="digit-class")
+    from tests.pipeline_fixtures import tiny_dit
+
+    tiny_dit(tmp_path / "dit")
+    (tmp_path / "m.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-dit"\ndirectory = "dit"\n')
+    dit = load_model(load_config(tmp_path / "m.toml")["tiny-dit"])
+    request = GenerateRequest(sampler="", steps=4, n=1, class_label=1, guidance=1.0,
+                              search=SearchRequest("fkc", 40, "ink-mass", {"target": "product", "beta": 1.0,
+                                                                          "second_class": 5000}, {}))
+    with pytest.raises(InvalidRequest, match="search.options.second_class: 5000 is outside"):
+        generate(dit, request)
+
+
+def test_search_on_pixart_runs_at_the_aspect_ratio_bin_and_returns_the_asked_size(tmp_path):
+    from tests.pipeline_fixtures import tiny_pixart
+
+    tiny_pixart(tmp_path / "pixart", sample_size=32)  # diffusers' 256 aspect-ratio bins apply
+    (tmp_path / "m.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-pixart"\ndirectory = "pixart"\n')
+    loaded = load_model(load_config(tmp_path / "m.toml")["tiny-pixart"])
+    assert loaded.model.info.get("bins") and loaded.model.generation_size(98, 60) != (98, 60)
+    out = _search(loaded, {}, "best_of_n", 8, prompt="a cat", n=1, steps=4, verifier="ink-mass", height=98,
+                  width=60)
+    assert out.samples.shape[-2:] == (98, 60) and torch.isfinite(out.samples).all()

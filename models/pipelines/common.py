@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 from samplers.calls import NetworkCall, evaluate
-from samplers.denoiser import PREDICTIONS
+from samplers.denoiser import NEG, PREDICTIONS, cat_cond, guidance_halves
 from samplers.processes import Process
 
 from ..diffusers_loader import UnsupportedConfig
 from ..safety import require_safetensors
-
-NEG = "neg."  # prefix of the negative-prompt (unconditional) entries in a guided cond dict
 
 
 def read_model_index(directory: Path) -> dict:
@@ -210,11 +208,7 @@ class PromptGuidance:
         return getattr(self.model, name)
 
     def _both(self, x, cond):
-        pos = {k: v for k, v in cond.items() if not k.startswith(NEG)}
-        neg = {k[len(NEG):]: v for k, v in cond.items() if k.startswith(NEG)}
-        if set(neg) != set(pos):
-            raise ValueError("guidance needs negative-prompt conditioning for every conditioning entry")
-        return torch.cat([x, x]), {k: torch.cat([pos[k], neg[k]]) for k in pos}
+        return torch.cat([x, x]), cat_cond(*guidance_halves(cond))
 
     def _combine(self, out):
         d_cond, d_uncond = out.chunk(2)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from samplers.calls import NetworkCall
+from samplers.denoiser import cat_cond, guidance_halves
 from samplers.processes import F64, RectifiedFlow
 
 from ..diffusers_loader import UnsupportedConfig, load_scheduler_config
@@ -129,11 +130,9 @@ class VelocityGuidance:
         return getattr(self.model, name)
 
     def network_call(self, z, r, t, cond) -> NetworkCall:
-        pos = {k: v for k, v in cond.items() if not k.startswith(NEG)}
-        neg = {k[len(NEG):]: v for k, v in cond.items() if k.startswith(NEG)}
         n = z.shape[0]
         r, t = torch.as_tensor(r, dtype=F64).expand(n), torch.as_tensor(t, dtype=F64).expand(n)
-        both = {k: torch.cat([pos[k], neg[k]]) for k in pos}
+        both = cat_cond(*guidance_halves(cond))
         call = self.model.network_call(torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]), both)
         return call.then(self._combine)
 
