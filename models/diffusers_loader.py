@@ -92,14 +92,14 @@ def map_scheduler_config(config: dict, model: str | None = None) -> SchedulerMap
     """Map a diffusers scheduler config onto (process, prediction type, data clip); unknown values raise,
     naming the field (and `model` when given)."""
     try:
-        return _map(config, model)
+        return _map(config)
     except UnsupportedConfig as err:
         if model is None or str(err).startswith("model "):
             raise
         raise UnsupportedConfig(f"{_named(model)}{err}") from None
 
 
-def _map(config: dict, model: str | None) -> SchedulerMapping:
+def _map(config: dict) -> SchedulerMapping:
     cls = config.get("_class_name")
     if cls in FLOW_SCHEDULERS:
         for key in FLOW_REFUSED:

@@ -48,8 +48,10 @@ def _write_texts(texts, out: Path | None) -> str:
 def _prompt_fields(args, loaded) -> dict:
     """`--prompt` is the prompt of a text-to-image pipeline or a text LM (LLaDA, MDLM / BD3-LM, DiffusionGemma),
     else a masked model's text template."""
-    takes_prompt = loaded.entry.family is not None or hasattr(loaded.model, "prompt_ids")
-    return {"prompt" if takes_prompt else "prompt_text": args.prompt, "negative_prompt": args.negative_prompt,
+    from .plan import takes_prompt
+
+    prompted = loaded.entry.family is not None or takes_prompt(loaded.model)
+    return {"prompt" if prompted else "prompt_text": args.prompt, "negative_prompt": args.negative_prompt,
             "height": args.height, "width": args.width, "distilled_guidance": args.distilled_guidance,
             "max_new_tokens": args.max_new_tokens}
 

@@ -157,7 +157,9 @@ def model_info(pb, entry, served):
         info.layout, info.mask_token_id = "L", int(model.mask_id)
         info.mask_token = getattr(tokenizer, "mask_token", None) or ""
         info.tokenizer = _tokenizer_name(tokenizer)
-        info.takes_prompt = hasattr(model, "prompt_ids")  # a text LM: `prompt` + max_new_tokens
+        from .plan import takes_prompt  # (lazily: the plan imports torch)
+
+        info.takes_prompt = takes_prompt(model)  # a text LM: `prompt` + max_new_tokens
     else:
         info.layout, info.value_min, info.value_max = "CHW", -1.0, 1.0
     return info

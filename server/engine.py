@@ -33,7 +33,7 @@ from . import metrics
 from .config import ServerConfig
 from .errors import NotReady, QueueFull, status_of
 from .layout import batch_key, concat, rows, split
-from .plan import Limits, Plan, make_plan
+from .plan import Limits, Plan, make_plan, takes_prompt
 from .requests import GenerateRequest, GenerateResult
 
 log = logging.getLogger("diffserve.engine")
@@ -79,7 +79,7 @@ def warm_up_request(loaded) -> GenerateRequest:
         return GenerateRequest(entry.default_sampler, 1, n=1, prompt="warm-up", max_new_tokens=model.canvas_length)
     if entry.kind == "masked":
         steps = None if REGISTRY[entry.default_sampler].one_step_per_mask else 1
-        if hasattr(model, "prompt_ids") and len(model.prompt_ids("warm-up")) + 32 <= model.length:
+        if takes_prompt(model) and len(model.prompt_ids("warm-up")) + 32 <= model.length:
             # a text LM: a short answer (one block of LLaDA's default 32), not FHS over all of MDLM's 1024 positions
             return GenerateRequest(entry.default_sampler, steps, n=1, prompt="warm-up", max_new_tokens=32)
         return GenerateRequest(entry.default_sampler, steps, n=1)

@@ -205,12 +205,7 @@ def _plan_pipeline_search(loaded, request: GenerateRequest, limits: Limits, seed
     and the server supply (so a prompt the verifier cannot read is refused here), the response size."""
     pipe, search = loaded.model, request.search
     kind = pipe.denoiser.kind
-    steps = DEFAULT_STEPS if request.steps is None else request.steps
-    if not 1 <= len(seeds) <= MAX_SEARCHES:
-        raise InvalidRequest(f"num_samples: a search runs 1 to {MAX_SEARCHES} searches, got {len(seeds)}")
-    if isinstance(steps, int) and steps > limits.max_steps:
-        raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
-    _, options = validate_search(search.method, search.budget_nfe, search.options, kind, steps)
+    steps, options, vspec = _check_search(request, kind, seeds, limits, resources)
     if options.get("second_prompt"):
         if not pipe.takes_prompt:
             raise InvalidRequest(f"search.options.second_prompt: model {loaded.name!r} is class-conditional; "
@@ -222,7 +217,6 @@ def _plan_pipeline_search(loaded, request: GenerateRequest, limits: Limits, seed
         raise InvalidRequest(f"search.options.second_class: model {loaded.name!r} takes prompts; use second_prompt")
     if not pipe.takes_prompt and second_class >= pipe.num_classes:
         raise InvalidRequest(f"search.options.second_class: {second_class} is outside [0, {pipe.num_classes - 1}]")
-    vspec, _ = validate_verifier(search.verifier, search.verifier_options, kind)
     if "prompt" in vspec.resources and not pipe.takes_prompt:
         raise InvalidRequest(f"search.verifier: {search.verifier!r} scores a prompt; model {loaded.name!r} takes "
                              f"class labels")
@@ -230,10 +224,6 @@ def _plan_pipeline_search(loaded, request: GenerateRequest, limits: Limits, seed
         raise InvalidRequest(f"search.verifier: {search.verifier!r} scores a class label; model {loaded.name!r} "
                              f"takes a prompt (digit-prompt scores prompts)")
     if resources is not None:
-        missing = [r for r in vspec.resources if r not in resources and r not in REQUEST_RESOURCES]
-        if missing:
-            raise InvalidRequest(f"search.verifier: {search.verifier!r} is not available on this server "
-                                 f"(needs {missing[0]!r})")
         _pipeline_verifier(loaded, request, resources)  # builds it: refuses a prompt it cannot score
     if limits.max_response_bytes is not None:
         check_response_size("diffusion", (3, request.height, request.width), len(seeds), output or "png",
@@ -269,7 +259,7 @@ def _check_output(output: str, kind: str) -> None:
     if output not in OUTPUTS:
         raise InvalidRequest(f"format: {quote(output)} is not one of {list(OUTPUTS)}")
     if kind in TEXT_KINDS and output == "png":
-        raise InvalidRequest("format: masked models give TEXT or TENSOR output")
+        raise InvalidRequest("format: text models give TEXT or TENSOR output")
     if kind not in TEXT_KINDS and output == "text":
         raise InvalidRequest("format: TEXT output is for masked (text) models; use PNG or TENSOR")
 
@@ -281,21 +271,28 @@ def _masked_steps(loaded, request: GenerateRequest, spec) -> int | None:
     return request.steps if request.steps is not None else loaded.entry.default_steps
 
 
-def _plan_search(loaded, request: GenerateRequest, limits: Limits, seeds, resources) -> Plan:
+def _check_search(request: GenerateRequest, kind: str, seeds, limits: Limits, resources):
+    """What every search request is checked for: the number of searches, steps, the method and its options,
+    the verifier and what it needs from the server.  Returns (steps, options with defaults, verifier spec)."""
     search = request.search
-    kind = "flow" if loaded.kind == "meanflow" else loaded.kind
     steps = DEFAULT_STEPS if request.steps is None else request.steps
     if not 1 <= len(seeds) <= MAX_SEARCHES:
         raise InvalidRequest(f"num_samples: a search runs 1 to {MAX_SEARCHES} searches, got {len(seeds)}")
     if isinstance(steps, int) and steps > limits.max_steps:
         raise InvalidRequest(f"steps: {steps} is outside [1, {limits.max_steps}]")
-    validate_search(search.method, search.budget_nfe, search.options, kind, steps)
+    _, options = validate_search(search.method, search.budget_nfe, search.options, kind, steps)
     vspec, _ = validate_verifier(search.verifier, search.verifier_options, kind)
     if resources is not None:
         missing = [r for r in vspec.resources if r not in resources and r not in REQUEST_RESOURCES]
         if missing:
             raise InvalidRequest(f"search.verifier: {search.verifier!r} is not available on this server "
                                  f"(needs {missing[0]!r})")
+    return steps, options, vspec
+
+
+def _plan_search(loaded, request: GenerateRequest, limits: Limits, seeds, resources) -> Plan:
+    kind = "flow" if loaded.kind == "meanflow" else loaded.kind
+    steps, _, _ = _check_search(request, kind, seeds, limits, resources)
     if request.guidance is not None and not 0.0 <= float(request.guidance) <= 100.0:
         raise InvalidRequest(f"guidance: {request.guidance} is outside [0, 100]")
     return Plan(loaded.name, kind, replace(request, steps=steps), seeds)

@@ -5,8 +5,8 @@ needs bs4 + ftfy and is off without them; we never run it), T5 over 300 tokens w
 travelling per sample into the transformer's cross-attention; `added_cond_kwargs` resolution and aspect
 ratio are None (Sigma); with learned sigma the first C output channels are eps.  Resolution binning (its
 default): a request is generated at the nearest aspect-ratio bin of the transformer's sample size and the
-decoded image resized (bilinear) and center-cropped back to the requested size; sample sizes without a
-table (256 / 128 / 64 / 32) generate at the requested size.
+decoded image resized (bilinear) and center-cropped back to the requested size. Binning applies to the sample
+sizes diffusers has tables for (256 / 128 / 64 / 32); other sample sizes generate at the requested size.
 """
 
 from __future__ import annotations
