@@ -40,10 +40,10 @@ def _setup():
     from models.config import load_config
     from models.loading import load_model
     from server.app import load_resources
-    from server.plan import _train_info_thresholds
+    from server.plan import train_info_thresholds
 
     loaded = load_model(load_config()["digits-t2i"])
-    return loaded, load_resources("zoo/models.toml"), _train_info_thresholds(str(loaded.entry.directory))
+    return loaded, load_resources("zoo/models.toml"), train_info_thresholds(str(loaded.entry.directory))
 
 
 def _metrics(images: torch.Tensor, prompts: list[str], resources, thresholds) -> dict:

@@ -232,7 +232,7 @@ def _plan_pipeline_search(loaded, request: GenerateRequest, limits: Limits, seed
 
 
 @functools.lru_cache(maxsize=16)
-def _train_info_thresholds(directory: str) -> dict | None:
+def train_info_thresholds(directory: str) -> dict | None:
     """The attribute thresholds a model's card measured its captions by (zoo/digits-t2i/train_info.json)."""
     path = Path(directory) / "train_info.json"
     if not path.is_file():
@@ -248,7 +248,7 @@ def _pipeline_verifier(loaded, request: GenerateRequest, resources: Mapping[str,
     if not search.verifier:
         return None
     supplied = {**resources, "model": pipe.denoiser, "prompt": request.prompt or ""}
-    thresholds = _train_info_thresholds(str(loaded.entry.directory))
+    thresholds = train_info_thresholds(str(loaded.entry.directory))
     if thresholds is not None:
         supplied.setdefault("digit-attributes", thresholds)
     verifier = build_verifier(search.verifier, search.verifier_options, supplied, pipe.denoiser.kind)

@@ -13,6 +13,18 @@ import torch
 PROMPTS = ["abc a cat", "a dog on abc"]
 
 
+def load_served(root: Path, name: str, directory: str, **fields):
+    """The model root/models.toml with one entry (`name` -> root/`directory`, plus `fields`) loads, as the
+    server and the CLI load it."""
+    from models.config import load_config
+    from models.loading import load_model
+
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
+    path = Path(root) / "models.toml"
+    path.write_text(f'model_roots = ["."]\n[[models]]\nname = "{name}"\ndirectory = "{directory}"\n{extra}')
+    return load_model(load_config(path)[name])
+
+
 def clip_tokenizer(directory: Path, max_length: int = 16):
     """A byte-level CLIP BPE tokenizer with 516 tokens (bos 514, eos/pad 515)."""
     from transformers import CLIPTokenizer

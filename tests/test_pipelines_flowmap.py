@@ -15,7 +15,7 @@ from models.diffusers_loader import UnsupportedConfig
 from models.pipelines import detect_family, load_pipeline
 from models.pipelines.generate import PipelineRequest, generate
 from samplers.errors import InvalidRequest
-from tests.pipeline_fixtures import tiny_anyflow
+from tests.pipeline_fixtures import load_served, tiny_anyflow
 
 H, W = 32, 48  # latents (16, 4, 6)
 PROMPTS = ["a cat", "a dog on abc"]
@@ -125,15 +125,11 @@ def test_unmapped_scheduler_field_and_image_conditioning_are_refused(tmp_path):
 def test_served_over_grpc_equals_the_library(tmp_path):
     import numpy as np
 
-    from models.config import load_config
-    from models.loading import load_model
     from server.client import tensor_to_array
     from tests.server_fixtures import pb, running_server, stub_for
 
     tiny_anyflow(tmp_path / "fm")
-    (tmp_path / "models.toml").write_text('model_roots = ["."]\n[[models]]\nname = "fm"\ndirectory = "fm"\n'
-                                          'default_sampler = "meanflow"\ndefault_steps = 2\n')
-    loaded = load_model(load_config(tmp_path / "models.toml")["fm"])
+    loaded = load_served(tmp_path, "fm", "fm", default_sampler="meanflow", default_steps=2)
     with running_server({"fm": loaded}) as server:
         stub, channel = stub_for(server)
         out = stub.Generate(pb.GenerateRequest(model="fm", prompt="a cat", height=H, width=W, steps=2,

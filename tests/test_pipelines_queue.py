@@ -4,11 +4,9 @@ survive the queue's codec, and the images equal the library path's."""
 import numpy as np
 import pytest
 
-from models.config import load_config
-from models.loading import load_model
 from models.pipelines.generate import PipelineRequest, generate
 from server.client import tensor_to_array
-from tests.pipeline_fixtures import tiny_sd
+from tests.pipeline_fixtures import load_served, tiny_sd
 from tests.queue_fixtures import jobs_server, jpb, redis_server, settings, wait_done, worker_threads
 from tests.server_fixtures import pb
 
@@ -25,9 +23,7 @@ def redis_url(tmp_path_factory):  # started before any gRPC server of this modul
 def loaded(redis_url, tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     tiny_sd(root / "sd")
-    (root / "models.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-sd"\ndirectory = "sd"\n'
-                                      'default_sampler = "dpmpp_2m"\ndefault_steps = 4\n')
-    return load_model(load_config(root / "models.toml")["tiny-sd"])
+    return load_served(root, "tiny-sd", "sd", default_sampler="dpmpp_2m", default_steps=4)
 
 
 def test_a_queued_text_to_image_job_equals_the_library(redis_url, loaded):

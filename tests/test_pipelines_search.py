@@ -12,9 +12,9 @@ from search.verifiers import InkMass
 from server.app import load_resources
 from server.client import tensor_to_array
 from server.generation import generate
-from server.plan import _train_info_thresholds
+from server.plan import train_info_thresholds
 from server.requests import GenerateRequest, SearchRequest
-from tests.pipeline_fixtures import tiny_sd, tiny_sd3
+from tests.pipeline_fixtures import load_served, tiny_sd, tiny_sd3
 from tests.server_fixtures import pb, running_server, stub_for
 
 HARD = "a thin one, slanted left"  # two attributes: plain sampling satisfies it rarely at guidance 1
@@ -23,7 +23,7 @@ HARD = "a thin one, slanted left"  # two attributes: plain sampling satisfies it
 @pytest.fixture(scope="module")
 def t2i():
     loaded = load_model(load_config()["digits-t2i"])
-    return loaded, load_resources("zoo/models.toml"), _train_info_thresholds(str(loaded.entry.directory))
+    return loaded, load_resources("zoo/models.toml"), train_info_thresholds(str(loaded.entry.directory))
 
 
 def _search(loaded, resources, method, budget, prompt=HARD, n=4, seed=0, options=None, verifier="digit-prompt",
@@ -94,16 +94,14 @@ def test_bad_pipeline_searches_are_refused_by_name(t2i, method, options, verifie
 def test_attributes_need_the_models_thresholds(tmp_path, t2i):
     _, resources, _ = t2i
     tiny_sd(tmp_path / "sd")
-    (tmp_path / "m.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-sd"\ndirectory = "sd"\n')
-    tiny = load_model(load_config(tmp_path / "m.toml")["tiny-sd"])
+    tiny = load_served(tmp_path, "tiny-sd", "sd")
     with pytest.raises(InvalidRequest, match="no attribute thresholds"):
         _search(tiny, resources, "best_of_n", 8, prompt="a bold seven", n=1, steps=2, height=32, width=32)
 
 
 def test_search_on_a_flow_pipeline_scores_decoded_images(tmp_path):
     tiny_sd3(tmp_path / "sd3")
-    (tmp_path / "m.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-sd3"\ndirectory = "sd3"\n')
-    loaded = load_model(load_config(tmp_path / "m.toml")["tiny-sd3"])
+    loaded = load_served(tmp_path, "tiny-sd3", "sd3")
     for method in ("best_of_n", "rollover_budget_forcing"):
         out = _search(loaded, {}, method, 20, prompt="a cat", n=2, steps=5, verifier="ink-mass", height=32, width=24,
                       options={"grid": "uniform_t"} if method == "best_of_n" else {})
@@ -159,8 +157,7 @@ def test_class_verifiers_and_second_classes_are_refused_before_any_sampling(t2i,
     from tests.pipeline_fixtures import tiny_dit
 
     tiny_dit(tmp_path / "dit")
-    (tmp_path / "m.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-dit"\ndirectory = "dit"\n')
-    dit = load_model(load_config(tmp_path / "m.toml")["tiny-dit"])
+    dit = load_served(tmp_path, "tiny-dit", "dit")
     request = GenerateRequest(sampler="", steps=4, n=1, class_label=1, guidance=1.0,
                               search=SearchRequest("fkc", 40, "ink-mass", {"target": "product", "beta": 1.0,
                                                                           "second_class": 5000}, {}))
@@ -172,8 +169,7 @@ def test_search_on_pixart_runs_at_the_aspect_ratio_bin_and_returns_the_asked_siz
     from tests.pipeline_fixtures import tiny_pixart
 
     tiny_pixart(tmp_path / "pixart", sample_size=32)  # diffusers' 256 aspect-ratio bins apply
-    (tmp_path / "m.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-pixart"\ndirectory = "pixart"\n')
-    loaded = load_model(load_config(tmp_path / "m.toml")["tiny-pixart"])
+    loaded = load_served(tmp_path, "tiny-pixart", "pixart")
     assert loaded.model.info.get("bins") and loaded.model.generation_size(98, 60) != (98, 60)
     out = _search(loaded, {}, "best_of_n", 8, prompt="a cat", n=1, steps=4, verifier="ink-mass", height=98,
                   width=60)

@@ -7,11 +7,9 @@ import grpc
 import numpy as np
 import pytest
 
-from models.config import load_config
-from models.loading import load_model
 from models.pipelines.generate import PipelineRequest, generate
 from server.client import tensor_to_array
-from tests.pipeline_fixtures import tiny_sd
+from tests.pipeline_fixtures import load_served, tiny_sd
 from tests.server_fixtures import pb, running_server, stub_for
 
 H, W = 32, 24
@@ -21,9 +19,7 @@ H, W = 32, 24
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     tiny_sd(root / "sd")
-    (root / "models.toml").write_text('model_roots = ["."]\n[[models]]\nname = "tiny-sd"\ndirectory = "sd"\n'
-                                      'default_sampler = "dpmpp_2m"\ndefault_steps = 4\n')
-    loaded = load_model(load_config(root / "models.toml")["tiny-sd"])
+    loaded = load_served(root, "tiny-sd", "sd", default_sampler="dpmpp_2m", default_steps=4)
     with running_server({"tiny-sd": loaded}) as server:
         stub, channel = stub_for(server)
         yield server, stub, loaded
